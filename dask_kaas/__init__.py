@@ -1,0 +1,30 @@
+"""dask_kaas: Kernel-as-a-Service on Dask.
+
+Tenants submit graphs of GPU kernels; the system owns device memory and runs
+each graph on the worker of a shared pool where it finishes soonest, usually
+the one that already holds its weights.
+"""
+
+from . import config  # noqa: F401 - registers the kaas.* Dask config defaults
+from .client import (
+    DeviceArrayFuture,
+    KaasClient,
+    KernelGraphFuture,
+    kaas_set_weight,
+    kaas_stats,
+    submit_kernel_graph,
+)
+from .cluster import LocalKaasCluster
+from .device.handles import DeviceArray
+from .graph import *  # noqa: F401,F403
+from .graph import __all__ as _graph_all
+from .plugin.scheduler import KaasSchedulerPlugin
+from .plugin.worker import KaasWorkerPlugin
+
+__version__ = "0.1.0"
+
+__all__ = sorted(set(_graph_all) | {
+    "DeviceArray", "DeviceArrayFuture", "KaasClient", "KaasSchedulerPlugin",
+    "KaasWorkerPlugin", "KernelGraphFuture", "LocalKaasCluster", "kaas_set_weight",
+    "kaas_stats", "submit_kernel_graph",
+})

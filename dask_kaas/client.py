@@ -1,0 +1,282 @@
+"""The client side: submit kernel graphs, read statistics.
+
+``KaasClient`` is a ``distributed.Client`` with a few more methods; the same
+functions work on any client (``dask_kaas.submit_kernel_graph(graph, inputs,
+client=c)``).  The plugins are installed on first use, idempotently, so this
+works against any Dask cluster whose workers advertise the GPU resource.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+import weakref
+from typing import Any, Iterable, Mapping
+
+import dask
+import numpy as np
+from dask.base import tokenize
+from distributed import Client, Future, default_client
+
+from . import config
+from .device.handles import DeviceArray
+from .graph.buffers import BufferKind
+from .graph.errors import (
+    BufferRoleError,
+    GraphTooLargeError,
+    KaasError,
+    NoKaasWorkersError,
+    UnknownBufferError,
+)
+from .graph.graph import KernelGraph
+from .plugin.scheduler import KaasSchedulerPlugin
+from .plugin.tasks import run_kernel_graph, select_output
+from .request import ANNOTATION, SELECT_ROLE, GraphRequest, InputRef
+
+#: How long cluster facts (worker capacities) are trusted before asking again.
+INFO_TTL_S = 2.0
+#: How long to wait for workers to report their devices on first use.
+WORKER_WAIT_S = 10.0
+
+
+def _to_host(value: Any) -> Any:
+    return value.get() if isinstance(value, DeviceArray) else value
+
+
+class DeviceArrayFuture(Future):
+    """Future of an output kept on a worker's device.
+
+    Pass it as an input to another graph (which is then placed on the worker
+    holding it) or to any Dask task; ``result()`` copies it to the host.
+    """
+
+    def result(self, timeout: Any = None) -> np.ndarray:  # type: ignore[override]
+        return np.asarray(_to_host(super().result(timeout=timeout)))
+
+
+class KernelGraphFuture(Future):
+    """Future of a submitted kernel graph.
+
+    ``result()`` is ``{output name: numpy array}``; ``fut[name]`` is the
+    :class:`DeviceArrayFuture` of an output named in ``keep_on_device``.
+    It is an ordinary Dask future otherwise: ``client.submit(f, fut)`` gets
+    the dict of outputs.
+    """
+
+    def __init__(self, key: str, client: Client, graph: str,
+                 kept: Mapping[str, DeviceArrayFuture]) -> None:
+        super().__init__(key, client)
+        self.graph = graph
+        self.kept = dict(kept)
+
+    def __getitem__(self, name: str) -> DeviceArrayFuture:
+        try:
+            return self.kept[name]
+        except KeyError:
+            raise KeyError(f"graph {self.graph!r} keeps no output {name!r} on the device; "
+                           f"kept: {sorted(self.kept)}") from None
+
+    def result(self, timeout: Any = None) -> dict[str, np.ndarray]:  # type: ignore[override]
+        out = super().result(timeout=timeout)
+        return {k: _to_host(v) for k, v in out.items()}
+
+
+class _ClientState:
+    """What one client remembers about the KaaS side of its cluster."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.ensured = False
+        self.info: dict[str, Any] = {}
+        self.info_at = 0.0
+        self.lock = threading.Lock()
+        self.consts: dict[str, Future] = {}
+        self.tokens: dict[int, tuple[weakref.ref, str]] = {}
+
+    def ensure(self) -> None:
+        with self.lock:
+            if not self.ensured:
+                self.client.register_plugin(KaasSchedulerPlugin())
+                self.ensured = True
+        info = self.refresh()
+        deadline = time.monotonic() + WORKER_WAIT_S
+        while (not info["candidates"] or set(info["candidates"]) - set(info["workers"])) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+            info = self.refresh()
+        if not info["candidates"]:
+            raise NoKaasWorkersError(
+                f"no worker of this cluster advertises the {info['resource']!r} resource; "
+                f"start workers with --resources {info['resource']}=1 (LocalKaasCluster "
+                "does this)")
+
+    def refresh(self) -> dict[str, Any]:
+        self.info = self.client.sync(self.client.scheduler.kaas_info)
+        self.info_at = time.monotonic()
+        return self.info
+
+    def current_info(self) -> dict[str, Any]:
+        if time.monotonic() - self.info_at > INFO_TTL_S:
+            self.refresh()
+        return self.info
+
+    def max_capacity(self, need: int) -> int | None:
+        caps = [w["capacity_bytes"] for w in self.current_info()["workers"].values()
+                if w.get("capacity_bytes")]
+        if caps and max(caps) < need:
+            caps = [w["capacity_bytes"] for w in self.refresh()["workers"].values()
+                    if w.get("capacity_bytes")]
+        return max(caps) if caps else None
+
+    def token(self, arr: np.ndarray) -> str:
+        """Content hash of a const array, computed once per array object
+        (a const is promised never to change)."""
+        entry = self.tokens.get(id(arr))
+        if entry is not None and entry[0]() is arr:
+            return entry[1]
+        tok = tokenize(arr)
+        try:
+            ref = weakref.ref(arr, lambda _, i=id(arr): self.tokens.pop(i, None))
+            self.tokens[id(arr)] = (ref, tok)
+        except TypeError:
+            pass
+        return tok
+
+    def const_future(self, arr: np.ndarray) -> Future:
+        """The cluster copy of a const array, scattered once and found again by
+        content, replicated on two workers so losing one does not lose it."""
+        tok = self.token(arr)
+        fut = self.consts.get(tok)
+        if fut is not None and fut.status not in ("lost", "error", "cancelled"):
+            return fut
+        workers = list(self.current_info()["candidates"])
+        chosen = random.sample(workers, min(2, len(workers))) if workers else None
+        key = f"kaas-const-{tok}"
+        fut = self.client.scatter({key: np.ascontiguousarray(arr)}, workers=chosen,
+                                  broadcast=bool(chosen), hash=False)[key]
+        self.consts[tok] = fut
+        return fut
+
+
+def _state(client: Client) -> _ClientState:
+    st = getattr(client, "_kaas_state", None)
+    if st is None:
+        st = _ClientState(client)
+        client._kaas_state = st  # type: ignore[attr-defined]
+    return st
+
+
+def submit_kernel_graph(graph: KernelGraph, inputs: Mapping[str, Any],
+                        client: Client | None = None, *, tenant: str = "default",
+                        keep_on_device: Iterable[str] = (), priority: int = 0,
+                        weight: float | None = None) -> KernelGraphFuture:
+    """Validate ``graph`` with ``inputs`` here, then run it on the cluster.
+
+    ``inputs`` maps each input/const buffer to a NumPy array or a Dask future
+    (a scattered array, the result of a host task, or a kept output of an
+    earlier graph).  Const arrays are identified by content and sent to the
+    cluster once.  Returns a :class:`KernelGraphFuture`.
+    """
+    client = client or default_client()
+    if not isinstance(graph, KernelGraph):
+        raise KaasError(f"submit_kernel_graph needs a KernelGraph, got {type(graph).__name__}")
+    state = _state(client)
+    state.ensure()
+    graph.validate(inputs, device_capacity=state.max_capacity(graph.nbytes))
+    keep = _check_keep(graph, keep_on_device)
+    if not isinstance(tenant, str) or not tenant:
+        raise KaasError(f"tenant must be a non-empty string, got {tenant!r}", graph=graph.name)
+
+    key = f"kaas-{graph.name}-{uuid.uuid4().hex}"
+    refs: list[InputRef] = []
+    values: list[Any] = []
+    for buf in graph.inputs:
+        value = inputs[buf.name]
+        const = buf.kind == BufferKind.CONST
+        if isinstance(value, Future):
+            refs.append(InputRef(buf.name, buf.nbytes, str(value.key), str(value.key), const))
+        elif isinstance(value, DeviceArray):
+            refs.append(InputRef(buf.name, buf.nbytes, value.buffer_id, None, const))
+        elif const:
+            value = state.const_future(np.asarray(value))
+            refs.append(InputRef(buf.name, buf.nbytes, str(value.key), str(value.key), True))
+        else:
+            value = np.ascontiguousarray(value)
+            refs.append(InputRef(buf.name, buf.nbytes, None, None, False))
+        values.append(value)
+    kept_ids = {name: f"{key}-out-{name}" for name in keep}
+    request = GraphRequest(key=key, graph=graph.name, tenant=tenant, inputs=refs,
+                           keep=kept_ids, nbytes=graph.nbytes, priority=priority, weight=weight)
+    resource = state.info.get("resource", config.get("resource", "GPU"))
+    with dask.annotate(**{ANNOTATION: request.to_annotation()}):
+        fut = client.submit(run_kernel_graph, graph, request, *values, key=key,
+                            resources={resource: 1}, pure=False, priority=priority)
+    kept: dict[str, DeviceArrayFuture] = {}
+    for name, ref_id in kept_ids.items():
+        sel = GraphRequest(key=key, graph=graph.name, tenant=tenant, inputs=[],
+                           role=SELECT_ROLE)
+        with dask.annotate(**{ANNOTATION: sel.to_annotation()}):
+            f = client.submit(select_output, fut, name, key=ref_id, pure=False,
+                              priority=priority)
+        kept[name] = DeviceArrayFuture(f.key, client)
+    return KernelGraphFuture(fut.key, client, graph.name, kept)
+
+
+def _check_keep(graph: KernelGraph, keep_on_device: Iterable[str]) -> list[str]:
+    if isinstance(keep_on_device, str):
+        keep_on_device = [keep_on_device]
+    names = list(keep_on_device)
+    for name in names:
+        buf = graph.buffers.get(name)
+        if buf is None:
+            raise UnknownBufferError("keep_on_device names a buffer the graph does not have",
+                                     graph=graph.name, buffer=name)
+        if buf.kind != BufferKind.OUTPUT:
+            raise BufferRoleError(f"only outputs can be kept on the device; this is a "
+                                  f"{buf.kind.value} buffer", graph=graph.name, buffer=name)
+    return names
+
+
+def kaas_stats(client: Client | None = None) -> dict[str, Any]:
+    """Per-worker device-cache statistics and per-tenant request statistics."""
+    client = client or default_client()
+    _state(client).ensure()
+    return client.sync(client.scheduler.kaas_stats)
+
+
+def kaas_set_weight(tenant: str, weight: float, client: Client | None = None) -> None:
+    """Give ``tenant`` a fair-share weight (2.0 gets twice the device time of 1.0)."""
+    client = client or default_client()
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+        raise KaasError(f"tenant weight must be a positive number, got {weight!r}")
+    _state(client).ensure()
+    client.sync(client.scheduler.kaas_set_weight, tenant=tenant, weight=float(weight))
+
+
+class KaasClient(Client):
+    """A Dask client that also submits kernel graphs."""
+
+    def submit_kernel_graph(self, graph: KernelGraph, inputs: Mapping[str, Any], *,
+                            tenant: str = "default", keep_on_device: Iterable[str] = (),
+                            priority: int = 0, weight: float | None = None
+                            ) -> KernelGraphFuture:
+        return submit_kernel_graph(graph, inputs, self, tenant=tenant,
+                                   keep_on_device=keep_on_device, priority=priority,
+                                   weight=weight)
+
+    def kaas_stats(self) -> dict[str, Any]:
+        return kaas_stats(self)
+
+    def kaas_set_weight(self, tenant: str, weight: float) -> None:
+        kaas_set_weight(tenant, weight, self)
+
+    def kaas_state(self) -> dict[str, Any]:
+        """Everything the dashboard shows: stats, resident buffers, timeline."""
+        _state(self).ensure()
+        return self.sync(self.scheduler.kaas_state)
+
+
+__all__ = ["KaasClient", "KernelGraphFuture", "DeviceArrayFuture", "submit_kernel_graph",
+           "kaas_stats", "kaas_set_weight", "GraphTooLargeError"]

@@ -1,0 +1,125 @@
+"""What a device backend must provide, and how one is chosen.
+
+The cache, the executor and the plugins only ever talk to this interface, so
+the same eviction, placement and accounting code runs over NumPy on a laptop
+and over CuPy + RMM on a GPU.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from ..graph.errors import BackendUnavailableError
+from ..graph.kernels import Kernel
+from ..graph.launch import Launch
+
+#: A compiled kernel: called with the launch and its argument values
+#: (device arrays and NumPy scalars) on a stream.
+CompiledKernel = Callable[[Launch, list, Any], None]
+
+
+class Backend(abc.ABC):
+    """A device and its memory, as seen by one worker."""
+
+    name: str = "?"
+    #: The array module kernels receive as ``xp``.
+    xp: Any = np
+
+    @abc.abstractmethod
+    def physical_capacity(self) -> int:
+        """Bytes of device memory this worker may use at most (before any
+        configured limit)."""
+
+    def pool_capacity(self, requested: int) -> int:
+        """Bytes the device pool really provides for a requested cache size
+        (the CUDA backend cannot give more than its RMM pool)."""
+        return requested
+
+    def alloc_size(self, nbytes: int) -> int:
+        """Bytes an allocation of ``nbytes`` really takes (granularity)."""
+        return nbytes
+
+    @abc.abstractmethod
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype, stream: Any) -> Any:
+        """Allocate uninitialized device memory."""
+
+    @abc.abstractmethod
+    def to_device(self, host: np.ndarray, stream: Any) -> Any:
+        """Copy a host array into new device memory."""
+
+    @abc.abstractmethod
+    def to_host(self, dev: Any, stream: Any) -> np.ndarray:
+        """Copy device memory into a new host array (synchronously)."""
+
+    @abc.abstractmethod
+    def device_copy(self, dev: Any, stream: Any) -> Any:
+        """Copy device memory into new device memory."""
+
+    @abc.abstractmethod
+    def compile(self, kernel: Kernel) -> CompiledKernel:
+        """Turn a kernel description into something callable (once per kernel,
+        the kernel cache sees to that)."""
+
+    def make_streams(self, n: int) -> list[Any]:
+        """One stream per concurrency slot."""
+        return [None] * n
+
+    @contextlib.contextmanager
+    def on_stream(self, stream: Any) -> Iterator[None]:
+        yield
+
+    def synchronize(self, stream: Any) -> None:
+        """Wait until all work queued on ``stream`` is done."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name}
+
+    def close(self) -> None:
+        """Release device resources."""
+
+
+def gpu_count() -> int:
+    """Number of CUDA devices visible, without raising where CUDA is absent."""
+    try:
+        import cupy
+    except Exception:  # noqa: BLE001 - no CuPy at all, or a broken install
+        return 0
+    try:
+        if not cupy.is_available():
+            return 0
+        return int(cupy.cuda.runtime.getDeviceCount())
+    except Exception:  # noqa: BLE001 - no driver
+        return 0
+
+
+def resolve_backend_name(name: str | None) -> str:
+    """``auto`` becomes ``cuda`` where a GPU is visible, else ``cpu``;
+    asking for ``cuda`` where there is none is a KaasError, not a CUDA trace."""
+    name = (name or "auto").lower()
+    if name == "auto":
+        return "cuda" if gpu_count() > 0 else "cpu"
+    if name == "cuda":
+        if gpu_count() == 0:
+            raise BackendUnavailableError(
+                "backend 'cuda' was requested but no CUDA GPU is visible on this machine "
+                "(cupy.is_available() is False or CuPy is not installed); use "
+                "backend='cpu' or 'auto'")
+        return "cuda"
+    if name == "cpu":
+        return "cpu"
+    raise BackendUnavailableError(f"unknown backend {name!r}: expected 'auto', 'cpu' or 'cuda'")
+
+
+def make_backend(name: str | None, **options: Any) -> Backend:
+    resolved = resolve_backend_name(name)
+    if resolved == "cuda":
+        from .cuda import CudaBackend
+
+        return CudaBackend(**options)
+    from .cpu import CpuBackend
+
+    return CpuBackend(**options)

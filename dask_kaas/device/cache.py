@@ -1,0 +1,356 @@
+"""DeviceCache: the worker's device memory, owned and accounted exactly.
+
+Every byte a graph uses on the device goes through here: cached buffers
+(keyed by identity, so equal weights are loaded once), and the private
+buffers of a running graph (temps, outputs, per-request inputs).  Graphs
+reserve everything they need up front, atomically; buffers in use are
+pinned; unpinned buffers are evicted least-recently-used first; buffers that
+hold the only copy of their data (outputs kept on the device) are written
+back to their host handle before they are dropped.  ``used_bytes`` never
+exceeds ``capacity_bytes``: a graph that does not fit waits for running
+graphs to release memory, and one that could never fit is refused.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from ..graph.errors import DeviceOutOfMemoryError
+from .backend import Backend
+
+
+@dataclass
+class CacheEntry:
+    buffer_id: str
+    nbytes: int
+    array: Any = None
+    pins: int = 0
+    loading: bool = True
+    const: bool = False
+    #: The handle whose data this entry is the only copy of (kept outputs).
+    owner: "weakref.ref[Any] | None" = None
+    drop_when_unpinned: bool = False
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    bytes_to_device: int = 0
+    bytes_to_host: int = 0
+    writebacks: int = 0
+    peak_used_bytes: int = 0
+    seconds_to_device: float = 0.0
+
+
+@dataclass
+class Load:
+    """A cacheable buffer a graph needs: identity, size, and where its bytes
+    come from on a miss."""
+
+    buffer_id: str
+    nbytes: int
+    source: Callable[[], np.ndarray]
+    const: bool = False
+
+
+@dataclass
+class Reservation:
+    """What one graph holds in the cache while it runs."""
+
+    pinned: list[str] = field(default_factory=list)
+    private_bytes: int = 0
+    hits: int = 0
+    misses: int = 0
+    bytes_to_device: int = 0
+    seconds_to_device: float = 0.0
+    arrays: dict[str, Any] = field(default_factory=dict)
+
+
+class DeviceCache:
+    def __init__(self, backend: Backend, capacity_bytes: int,
+                 wait_timeout: float = 300.0) -> None:
+        if capacity_bytes <= 0:
+            raise ValueError(f"device capacity must be positive, got {capacity_bytes}")
+        self.backend = backend
+        self.capacity_bytes = int(capacity_bytes)
+        self.wait_timeout = wait_timeout
+        self.stats = CacheStats()
+        self._entries: "OrderedDict[str, CacheEntry]" = OrderedDict()
+        self._entry_bytes = 0
+        self._private_bytes = 0
+        self._cond = threading.Condition()
+        self._events: list[tuple[str, str, int]] = []
+        self._closed = False
+
+    # -- accounting ----------------------------------------------------
+    @property
+    def used_bytes(self) -> int:
+        return self._entry_bytes + self._private_bytes
+
+    def _account(self) -> None:
+        used = self.used_bytes
+        assert used <= self.capacity_bytes, (used, self.capacity_bytes)
+        if used > self.stats.peak_used_bytes:
+            self.stats.peak_used_bytes = used
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._cond:
+            const_bytes = sum(e.nbytes for e in self._entries.values() if e.const)
+            return {
+                "capacity_bytes": self.capacity_bytes,
+                "used_bytes": self.used_bytes,
+                "cached_bytes": self._entry_bytes,
+                "const_bytes": const_bytes,
+                "private_bytes": self._private_bytes,
+                "entries": len(self._entries),
+                "hits": self.stats.hits,
+                "misses": self.stats.misses,
+                "evictions": self.stats.evictions,
+                "bytes_to_device": self.stats.bytes_to_device,
+                "bytes_to_host": self.stats.bytes_to_host,
+                "writebacks": self.stats.writebacks,
+                "peak_used_bytes": self.stats.peak_used_bytes,
+                "seconds_to_device": self.stats.seconds_to_device,
+            }
+
+    def resident(self) -> dict[str, int]:
+        """Buffer id -> bytes of every buffer currently on the device."""
+        with self._cond:
+            return {k: e.nbytes for k, e in self._entries.items() if not e.loading}
+
+    def __contains__(self, buffer_id: str) -> bool:
+        with self._cond:
+            e = self._entries.get(buffer_id)
+            return e is not None and not e.loading
+
+    def drain_events(self) -> list[tuple[str, str, int]]:
+        """("add" | "remove", buffer id, bytes) since the last call, for the
+        scheduler's buffer directory."""
+        with self._cond:
+            events, self._events = self._events, []
+            return events
+
+    # -- eviction --------------------------------------------------------
+    def _evictable_bytes(self) -> int:
+        return sum(e.nbytes for e in self._entries.values() if e.pins == 0 and not e.loading)
+
+    def _evict_until(self, need: int) -> None:
+        """Drop unpinned entries, least recently used first, until ``need``
+        bytes are free.  Caller holds the lock and checked it is possible."""
+        for key in list(self._entries):
+            if self.capacity_bytes - self.used_bytes >= need:
+                return
+            e = self._entries[key]
+            if e.pins == 0 and not e.loading:
+                self._remove(e, evicted=True)
+
+    def _remove(self, e: CacheEntry, evicted: bool) -> None:
+        owner = e.owner() if e.owner is not None else None
+        if owner is not None and e.array is not None:
+            host = self.backend.to_host(e.array, None)
+            owner._store_host(host)
+            self.stats.writebacks += 1
+            self.stats.bytes_to_host += host.nbytes
+        del self._entries[e.buffer_id]
+        self._entry_bytes -= e.nbytes
+        e.array = None
+        if evicted:
+            self.stats.evictions += 1
+        self._events.append(("remove", e.buffer_id, e.nbytes))
+        self._cond.notify_all()
+
+    # -- reservations ----------------------------------------------------
+    def reserve(self, loads: list[Load], private_bytes: int, stream: Any = None,
+                graph: str | None = None) -> Reservation:
+        """Pin (and load, on a miss) every cacheable buffer in ``loads`` and
+        set aside ``private_bytes`` for the graph's own buffers, atomically.
+
+        Waits while other graphs hold the memory needed; raises
+        DeviceOutOfMemoryError when the request could never fit.
+        """
+        res = Reservation()
+        sizes = {ld.buffer_id: self.backend.alloc_size(ld.nbytes) for ld in loads}
+        private = int(private_bytes)
+        deadline = time.monotonic() + self.wait_timeout
+        with self._cond:
+            while True:
+                self._check_open()
+                loading = [k for k in sizes if k in self._entries and self._entries[k].loading]
+                if loading:
+                    self._wait(deadline, graph)
+                    continue
+                misses = [k for k in sizes if k not in self._entries]
+                hit_bytes = sum(sizes[k] for k in sizes if k in self._entries)
+                need = sum(sizes[k] for k in misses) + private
+                if need + hit_bytes > self.capacity_bytes:
+                    raise DeviceOutOfMemoryError(
+                        f"needs {need + hit_bytes} bytes of device memory at once but the "
+                        f"device cache holds {self.capacity_bytes}", graph=graph)
+                free = self.capacity_bytes - self.used_bytes
+                evictable = self._evictable_bytes() - sum(
+                    self._entries[k].nbytes for k in sizes
+                    if k in self._entries and self._entries[k].pins == 0)
+                if need > free + evictable:
+                    self._wait(deadline, graph)
+                    continue
+                break
+            # Pin hits first so eviction below cannot take them.
+            for ld in loads:
+                e = self._entries.get(ld.buffer_id)
+                if e is not None:
+                    e.pins += 1
+                    self._entries.move_to_end(ld.buffer_id)
+                    res.pinned.append(ld.buffer_id)
+                    res.hits += 1
+                    res.arrays[ld.buffer_id] = e.array
+            self._evict_until(need)
+            missing = [ld for ld in loads if ld.buffer_id not in self._entries]
+            for ld in missing:
+                e = CacheEntry(ld.buffer_id, sizes[ld.buffer_id], pins=1, const=ld.const)
+                self._entries[ld.buffer_id] = e
+                self._entry_bytes += e.nbytes
+                res.pinned.append(ld.buffer_id)
+                res.misses += 1
+            self._private_bytes += private
+            res.private_bytes = private
+            self.stats.hits += res.hits
+            self.stats.misses += res.misses
+            self._account()
+        # Copy misses to the device outside the lock: other graphs may run.
+        try:
+            for ld in missing:
+                t0 = time.perf_counter()
+                host = ld.source()
+                arr = self.backend.to_device(host, stream)
+                dt = time.perf_counter() - t0
+                with self._cond:
+                    e = self._entries[ld.buffer_id]
+                    e.array = arr
+                    e.loading = False
+                    res.arrays[ld.buffer_id] = arr
+                    res.bytes_to_device += host.nbytes
+                    res.seconds_to_device += dt
+                    self.stats.bytes_to_device += host.nbytes
+                    self.stats.seconds_to_device += dt
+                    self._events.append(("add", ld.buffer_id, e.nbytes))
+                    self._cond.notify_all()
+        except BaseException:
+            self.release(res)
+            raise
+        return res
+
+    def _wait(self, deadline: float, graph: str | None) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not self._cond.wait(timeout=min(remaining, 1.0)):
+            if time.monotonic() >= deadline:
+                raise DeviceOutOfMemoryError(
+                    f"waited {self.wait_timeout:.0f}s for device memory held by other graphs",
+                    graph=graph)
+
+    def count_private_load(self, res: Reservation, nbytes: int, seconds: float) -> None:
+        """Record a copy to the device that is not cached (per-request data)."""
+        with self._cond:
+            res.bytes_to_device += nbytes
+            res.seconds_to_device += seconds
+            self.stats.bytes_to_device += nbytes
+            self.stats.seconds_to_device += seconds
+
+    def release(self, res: Reservation, keep: dict[str, tuple[Any, int, Any]] | None = None
+                ) -> None:
+        """Unpin a graph's buffers and return its private bytes.
+
+        ``keep`` maps new buffer ids to (device array, bytes, owner handle):
+        outputs kept on the device, which move from the graph's private bytes
+        into the cache as entries whose only copy is on the device.
+        """
+        with self._cond:
+            for key in res.pinned:
+                e = self._entries.get(key)
+                if e is None:
+                    continue
+                e.pins -= 1
+                if e.loading and e.array is None:
+                    # A failed load: forget the half-made entry.
+                    del self._entries[key]
+                    self._entry_bytes -= e.nbytes
+                elif e.pins == 0 and e.drop_when_unpinned:
+                    self._remove(e, evicted=False)
+            res.pinned = []
+            kept_bytes = 0
+            for key, (arr, nbytes, owner) in (keep or {}).items():
+                size = self.backend.alloc_size(nbytes)
+                kept_bytes += size
+                old = self._entries.pop(key, None)
+                if old is not None:
+                    self._entry_bytes -= old.nbytes
+                self._entries[key] = CacheEntry(
+                    key, size, array=arr, loading=False,
+                    owner=weakref.ref(owner) if owner is not None else None)
+                self._entry_bytes += size
+                self._events.append(("add", key, size))
+            self._private_bytes -= res.private_bytes
+            # Kept outputs were counted in the graph's private bytes.
+            assert kept_bytes <= res.private_bytes or not keep, (kept_bytes, res.private_bytes)
+            res.private_bytes = 0
+            self._account()
+            self._cond.notify_all()
+
+    # -- kept outputs ----------------------------------------------------
+    def discard(self, buffer_id: str) -> None:
+        """Forget a buffer whose handle is gone (no write-back)."""
+        with self._cond:
+            e = self._entries.get(buffer_id)
+            if e is None:
+                return
+            e.owner = None
+            if e.pins:
+                e.drop_when_unpinned = True
+            elif not e.loading:
+                self._remove(e, evicted=False)
+
+    def read_host(self, buffer_id: str) -> np.ndarray | None:
+        """A host copy of a resident buffer, or None if it is not here."""
+        with self._cond:
+            e = self._entries.get(buffer_id)
+            if e is None or e.loading:
+                return None
+            e.pins += 1
+        host = None
+        try:
+            host = self.backend.to_host(e.array, None)
+        finally:
+            with self._cond:
+                e.pins -= 1
+                if host is not None:
+                    self.stats.bytes_to_host += host.nbytes
+                if e.pins == 0 and e.drop_when_unpinned and e.buffer_id in self._entries:
+                    self._remove(e, evicted=False)
+        return host
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise DeviceOutOfMemoryError("the device cache is closed (worker shutting down)")
+
+    def clear(self) -> None:
+        with self._cond:
+            for e in list(self._entries.values()):
+                if e.pins == 0 and not e.loading:
+                    self._remove(e, evicted=False)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            for e in self._entries.values():
+                e.array = None
+            self._entries.clear()
+            self._entry_bytes = 0
+            self._cond.notify_all()

@@ -1,0 +1,198 @@
+"""WorkerRuntime: runs kernel graphs on one worker's device.
+
+It owns the backend, the DeviceCache, the KernelCache and the concurrency
+slots (one stream each).  A graph runs in three steps: reserve every byte it
+needs in the cache (loading cacheable inputs on a miss), launch its kernels
+in program order ``n_iter`` times on the slot's stream, and hand back host
+copies of its outputs (or DeviceArray handles for outputs kept on the device).
+Whatever happens, the reservation is released, so a failing kernel fails its
+own request and leaves the cache consistent for the next one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+import weakref
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from ..graph.buffers import Buffer, BufferKind
+from ..graph.errors import InputMismatchError, KaasError, KernelExecutionError
+from ..graph.graph import KernelGraph
+from ..graph.launch import ArgRef
+from ..request import GraphRequest
+from .backend import Backend
+from .cache import DeviceCache, Load
+from .handles import DeviceArray
+from .kernel_cache import KernelCache
+
+
+def host_source(graph: KernelGraph, buf: Buffer, value: Any) -> Callable[[], np.ndarray]:
+    """A thunk giving the host bytes of an input value, checked against its
+    buffer (values of futures are only seen here, on the worker)."""
+    shape = tuple(getattr(value, "shape", ()) or ())
+    dtype = getattr(value, "dtype", None)
+    if not isinstance(value, (np.ndarray, DeviceArray)) and not hasattr(value, "__array__"):
+        raise InputMismatchError(f"expects an array, got {type(value).__name__}",
+                                 graph=graph.name, buffer=buf.name)
+    if dtype is None or shape != buf.shape or np.dtype(dtype) != buf.dtype:
+        raise InputMismatchError(
+            f"expects shape {buf.shape} dtype {buf.dtype}, got shape {shape} dtype {dtype}",
+            graph=graph.name, buffer=buf.name)
+    if isinstance(value, DeviceArray):
+        return value.get
+    return lambda: np.ascontiguousarray(value)
+
+
+class WorkerRuntime:
+    def __init__(self, backend: Backend, capacity_bytes: int, slots: int = 1) -> None:
+        self.backend = backend
+        self.cache = DeviceCache(backend, capacity_bytes)
+        self.kernels = KernelCache(backend)
+        self.slots = max(1, int(slots))
+        self._free_streams: "queue.Queue[Any]" = queue.Queue()
+        for s in backend.make_streams(self.slots):
+            self._free_streams.put(s)
+        self._lock = threading.Lock()
+        self.graphs_run = 0
+        self.errors = 0
+        self.running = 0
+
+    @contextlib.contextmanager
+    def _slot(self) -> Iterator[Any]:
+        stream = self._free_streams.get()
+        with self._lock:
+            self.running += 1
+        try:
+            yield stream
+        finally:
+            with self._lock:
+                self.running -= 1
+            self._free_streams.put(stream)
+
+    def stats(self) -> dict[str, Any]:
+        snap = self.cache.snapshot()
+        snap.update(graphs_run=self.graphs_run, errors=self.errors, running=self.running,
+                    slots=self.slots, kernels_compiled=self.kernels.compiles,
+                    **self.backend.describe())
+        return snap
+
+    # -- running a graph -------------------------------------------------
+    def run(self, graph: KernelGraph, request: GraphRequest, values: Sequence[Any]
+            ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Run one graph; return (outputs, report for the scheduler)."""
+        t0 = time.perf_counter()
+        report: dict[str, Any] = {"key": request.key, "graph": graph.name,
+                                  "tenant": request.tenant, "error": None,
+                                  "started_at": time.time()}
+        try:
+            outputs = self._run(graph, request, values, report)
+        except KaasError as e:
+            self._count(error=True)
+            report["error"] = type(e).__name__
+            report["total_s"] = time.perf_counter() - t0
+            e.report = report  # type: ignore[attr-defined]
+            raise
+        self._count(error=False)
+        report["total_s"] = time.perf_counter() - t0
+        return outputs, report
+
+    def _count(self, error: bool) -> None:
+        with self._lock:
+            self.graphs_run += 1
+            self.errors += error
+
+    def _run(self, graph: KernelGraph, request: GraphRequest, values: Sequence[Any],
+             report: dict[str, Any]) -> dict[str, Any]:
+        written = graph.written_buffers()
+        alloc = self.backend.alloc_size
+        loads: list[Load] = []
+        cached_names: dict[str, str] = {}
+        private_inputs: list[tuple[Buffer, Callable[[], np.ndarray]]] = []
+        for ref, value in zip(request.inputs, values):
+            buf = graph.buffers[ref.name]
+            source = host_source(graph, buf, value)
+            bid = value.buffer_id if isinstance(value, DeviceArray) else ref.buffer_id
+            if bid is not None and buf.name not in written:
+                loads.append(Load(bid, buf.nbytes, source, const=buf.kind == BufferKind.CONST))
+                cached_names[buf.name] = bid
+            else:
+                # Per-request data, or an input the graph updates in place:
+                # the graph gets its own copy and the cached one stays intact.
+                private_inputs.append((buf, source))
+        own = [b for b in graph.buffers.values() if b.kind in (BufferKind.TEMP,
+                                                               BufferKind.OUTPUT)]
+        private_bytes = sum(alloc(b.nbytes) for b, _ in private_inputs) + sum(
+            alloc(b.nbytes) for b in own)
+
+        with self._slot() as stream:
+            t_wait = time.perf_counter()
+            res = self.cache.reserve(loads, private_bytes, stream, graph.name)
+            report["memory_wait_s"] = time.perf_counter() - t_wait
+            keep: dict[str, tuple[Any, int, Any]] = {}
+            arrays: dict[str, Any] = {}
+            kept: dict[str, tuple[Any, int, Any]] | None = None
+            try:
+                for name, bid in cached_names.items():
+                    arrays[name] = res.arrays[bid]
+                with self.backend.on_stream(stream):
+                    for buf, source in private_inputs:
+                        t1 = time.perf_counter()
+                        host = source()
+                        arrays[buf.name] = self.backend.to_device(host, stream)
+                        self.cache.count_private_load(res, host.nbytes,
+                                                      time.perf_counter() - t1)
+                    for buf in own:
+                        arrays[buf.name] = self.backend.empty(buf.shape, buf.dtype, stream)
+                    t_exec = time.perf_counter()
+                    self._launch_all(graph, arrays, stream)
+                    self.backend.synchronize(stream)
+                    report["exec_s"] = time.perf_counter() - t_exec
+                    outputs: dict[str, Any] = {}
+                    for buf in graph.outputs:
+                        ref_id = request.keep.get(buf.name)
+                        if ref_id is None:
+                            outputs[buf.name] = self.backend.to_host(arrays[buf.name], stream)
+                            continue
+                        handle = DeviceArray(ref_id, buf.shape, buf.dtype, cache=self.cache)
+                        weakref.finalize(handle, self.cache.discard, ref_id)
+                        keep[ref_id] = (arrays[buf.name], buf.nbytes, handle)
+                        outputs[buf.name] = handle
+                kept = keep
+            finally:
+                arrays.clear()
+                self.cache.release(res, kept)
+            report.update(hits=res.hits, misses=res.misses,
+                          bytes_to_device=res.bytes_to_device,
+                          seconds_to_device=res.seconds_to_device)
+            return outputs
+
+    def _launch_all(self, graph: KernelGraph, arrays: dict[str, Any], stream: Any) -> None:
+        compiled = []
+        for index, launch in enumerate(graph.launches):
+            try:
+                compiled.append(self.kernels.get(launch.kernel))
+            except KaasError as e:
+                raise type(e)(e.detail, graph=graph.name, launch=index,
+                              kernel=launch.kernel.name) from None
+        for it in range(graph.n_iter):
+            for index, (launch, fn) in enumerate(zip(graph.launches, compiled)):
+                args = [arrays[a.buffer.name] if isinstance(a, ArgRef) else a
+                        for a in launch.args]
+                try:
+                    fn(launch, args, stream)
+                except KaasError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - any failure of user code
+                    it_note = f" (iteration {it})" if graph.n_iter > 1 else ""
+                    raise KernelExecutionError(
+                        f"kernel raised{it_note}: {type(e).__name__}: {e}",
+                        graph=graph.name, launch=index, kernel=launch.kernel.name) from None
+
+    def close(self) -> None:
+        self.cache.close()
+        self.backend.close()

@@ -1,0 +1,39 @@
+"""The kernel-graph data model: pure data, no Dask and no device."""
+
+from .buffers import Buffer, BufferKind
+from .errors import (
+    BackendUnavailableError,
+    BufferRoleError,
+    DeviceOutOfMemoryError,
+    DuplicateBufferError,
+    GraphError,
+    GraphTooLargeError,
+    InputError,
+    InputMismatchError,
+    KaasError,
+    KernelDefinitionError,
+    KernelExecutionError,
+    LaunchConfigError,
+    LiteralTypeError,
+    MissingInputError,
+    NoKaasWorkersError,
+    SerializationError,
+    UnexpectedInputError,
+    UninitializedReadError,
+    UnknownBufferError,
+    UnwrittenOutputError,
+)
+from .graph import KernelGraph
+from .kernels import Kernel
+from .launch import ArgRef, In, InOut, Launch, Out
+from .library import BUILTINS
+
+__all__ = [
+    "ArgRef", "BUILTINS", "BackendUnavailableError", "Buffer", "BufferKind",
+    "BufferRoleError", "DeviceOutOfMemoryError", "DuplicateBufferError", "GraphError",
+    "GraphTooLargeError", "In", "InOut", "InputError", "InputMismatchError", "KaasError",
+    "Kernel", "KernelDefinitionError", "KernelExecutionError", "KernelGraph", "Launch",
+    "LaunchConfigError", "LiteralTypeError", "MissingInputError", "NoKaasWorkersError",
+    "Out", "SerializationError", "UnexpectedInputError", "UninitializedReadError",
+    "UnknownBufferError", "UnwrittenOutputError",
+]

@@ -1,0 +1,191 @@
+"""Placement policies: which worker runs a graph.
+
+The default, ``affinity``, picks the worker where the graph is expected to
+*finish* first::
+
+    queue wait (work already placed there / its slots)
+  + bytes of the graph's cacheable inputs missing from that device / H2D bandwidth
+  + bytes that loading them would evict / H2D bandwidth (they will be missed later)
+  + bytes whose host copy lives on another worker / network bandwidth
+  + the graph's expected run time
+
+Bandwidths and run times are measured online (CostModel), so there is no
+hand-tuned affinity penalty: a cached model wins while its worker is not too
+busy, and once waiting there costs more than loading the weights elsewhere,
+the graph goes elsewhere and the weights get a second copy.
+"""
+
+from __future__ import annotations
+
+import itertools
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from ..request import GraphRequest
+from .directory import BufferDirectory
+
+POLICIES = ("affinity", "balance", "round_robin", "static")
+
+
+@dataclass
+class WorkerView:
+    """What placement knows of one candidate worker."""
+
+    address: str
+    slots: int = 1
+    capacity_bytes: int | None = None
+    used_bytes: int = 0
+    queued_s: float = 0.0
+    queued_n: int = 0
+
+    @property
+    def free_bytes(self) -> int | None:
+        if self.capacity_bytes is None:
+            return None
+        return max(0, self.capacity_bytes - self.used_bytes)
+
+
+class Ewma:
+    def __init__(self, initial: float, alpha: float = 0.2) -> None:
+        self.value = initial
+        self.alpha = alpha
+        self.samples = 0
+
+    def add(self, x: float) -> None:
+        # The first sample replaces the prior outright.
+        self.value = x if self.samples == 0 else (1 - self.alpha) * self.value + self.alpha * x
+        self.samples += 1
+
+
+@dataclass
+class CostModel:
+    """Run times per graph name and host-to-device bandwidth, learned from
+    what the workers report."""
+
+    default_runtime_s: float = 0.005
+    default_h2d_bytes_per_s: float = 4e9
+    runtimes: dict[str, Ewma] = field(default_factory=dict)
+    h2d: Ewma = field(init=False)
+    #: Copies smaller than this measure latency, not bandwidth.
+    min_bandwidth_sample: int = 256 * 1024
+
+    def __post_init__(self) -> None:
+        self.h2d = Ewma(self.default_h2d_bytes_per_s)
+
+    def runtime_s(self, graph: str) -> float:
+        e = self.runtimes.get(graph)
+        return e.value if e is not None else self.default_runtime_s
+
+    def observe(self, report: dict) -> None:
+        if report.get("error"):
+            return
+        busy = float(report.get("total_s", 0.0)) - float(report.get("seconds_to_device", 0.0)) \
+            - float(report.get("memory_wait_s", 0.0))
+        graph = report.get("graph")
+        if graph is not None and busy > 0:
+            self.runtimes.setdefault(graph, Ewma(busy)).add(busy)
+        nbytes = int(report.get("bytes_to_device", 0))
+        secs = float(report.get("seconds_to_device", 0.0))
+        if nbytes >= self.min_bandwidth_sample and secs > 0:
+            self.h2d.add(nbytes / secs)
+
+    def h2d_s(self, nbytes: int) -> float:
+        return nbytes / max(self.h2d.value, 1.0)
+
+
+@dataclass
+class PlacementContext:
+    directory: BufferDirectory
+    costs: CostModel
+    #: Dask key -> addresses holding its value in host memory.
+    who_has: Callable[[str], set[str]]
+    network_bytes_per_s: float = 100e6
+
+
+def missing_device_bytes(request: GraphRequest, worker: str, directory: BufferDirectory) -> int:
+    return sum(i.nbytes for i in request.inputs
+               if i.buffer_id is not None and not directory.holds(worker, i.buffer_id))
+
+
+def expected_completion_s(request: GraphRequest, w: WorkerView, ctx: PlacementContext) -> float:
+    missing = missing_device_bytes(request, w.address, ctx.directory)
+    free = w.free_bytes
+    evicted = 0 if free is None else max(0, missing + request.nbytes - free)
+    remote = 0
+    for i in request.inputs:
+        if i.dask_key is not None:
+            holders = ctx.who_has(i.dask_key)
+            if holders and w.address not in holders:
+                remote += i.nbytes
+    return (w.queued_s / max(w.slots, 1)
+            + ctx.costs.h2d_s(missing + evicted)
+            + remote / max(ctx.network_bytes_per_s, 1.0)
+            + ctx.costs.runtime_s(request.graph))
+
+
+class Policy:
+    name = "?"
+
+    def choose(self, request: GraphRequest, workers: Sequence[WorkerView],
+               ctx: PlacementContext) -> WorkerView:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+
+class AffinityPolicy(Policy):
+    name = "affinity"
+
+    def choose(self, request: GraphRequest, workers: Sequence[WorkerView],
+               ctx: PlacementContext) -> WorkerView:
+        def score(w: WorkerView) -> tuple[float, int, int, str]:
+            held = sum(i.nbytes for i in request.inputs
+                       if i.buffer_id is not None and ctx.directory.holds(w.address, i.buffer_id))
+            return (expected_completion_s(request, w, ctx), -held, w.queued_n, w.address)
+
+        return min(workers, key=score)
+
+
+class BalancePolicy(Policy):
+    """Least expected wait; ignores caches (a baseline)."""
+
+    name = "balance"
+
+    def choose(self, request: GraphRequest, workers: Sequence[WorkerView],
+               ctx: PlacementContext) -> WorkerView:
+        return min(workers, key=lambda w: (w.queued_s / max(w.slots, 1), w.queued_n, w.address))
+
+
+class RoundRobinPolicy(Policy):
+    name = "round_robin"
+
+    def __init__(self) -> None:
+        self._counter = itertools.count()
+
+    def choose(self, request: GraphRequest, workers: Sequence[WorkerView],
+               ctx: PlacementContext) -> WorkerView:
+        ordered = sorted(workers, key=lambda w: w.address)
+        return ordered[next(self._counter) % len(ordered)]
+
+
+class StaticPolicy(Policy):
+    """Each tenant always goes to the same worker (by a stable hash of the
+    tenant over the sorted worker list), as with dedicated allocation."""
+
+    name = "static"
+
+    def choose(self, request: GraphRequest, workers: Sequence[WorkerView],
+               ctx: PlacementContext) -> WorkerView:
+        ordered = sorted(workers, key=lambda w: w.address)
+        return ordered[zlib.crc32(request.tenant.encode()) % len(ordered)]
+
+
+def make_policy(name: str) -> Policy:
+    table = {"affinity": AffinityPolicy, "balance": BalancePolicy,
+             "round_robin": RoundRobinPolicy, "static": StaticPolicy}
+    try:
+        return table[name]()
+    except KeyError:
+        from ..graph.errors import KaasError
+
+        raise KaasError(f"unknown placement policy {name!r}; expected one of "
+                        f"{', '.join(POLICIES)}") from None

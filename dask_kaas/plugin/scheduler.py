@@ -1,0 +1,355 @@
+"""KaasSchedulerPlugin: placement, fair share and the buffer directory.
+
+It follows the pattern of distributed's own extensions: scheduler handlers
+(``kaas_*``) that a thin client wrapper calls, plus a stream handler for the
+workers' cache reports.  Its ``update_graph`` hook runs after annotations are
+applied and before the first transitions, which is where a graph task gets
+its worker restriction (strict, so work stealing leaves it alone) and its
+priority (from the tenant's virtual time).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.protocol.pickle import dumps
+
+from .. import config
+from ..request import ANNOTATION, SELECT_ROLE, GraphRequest
+from .directory import BufferDirectory
+from .fairness import TenantQueue
+from .placement import CostModel, PlacementContext, WorkerView, make_policy
+from .stats import TenantStats
+from .worker import PLUGIN_NAME, UPDATE_OP, KaasWorkerPlugin
+
+if TYPE_CHECKING:
+    from distributed import Scheduler
+    from distributed.scheduler import TaskState
+
+logger = logging.getLogger(__name__)
+
+#: Graph runs kept for the dashboard's timeline.
+TIMELINE = 5000
+
+
+@dataclass
+class RequestRecord:
+    request: GraphRequest
+    submitted: float
+    worker: str | None = None
+    estimate_s: float = 0.0
+    planned: list[str] = field(default_factory=list)
+    report: dict[str, Any] | None = None
+    done: bool = False
+
+
+class KaasSchedulerPlugin(SchedulerPlugin):
+    name = PLUGIN_NAME
+    idempotent = True
+
+    def __init__(self, policy: str | None = None,
+                 worker_plugin: KaasWorkerPlugin | None = None) -> None:
+        self.policy_name = policy or config.get("policy", "affinity")
+        self.policy = make_policy(self.policy_name)
+        self.worker_plugin = worker_plugin or KaasWorkerPlugin()
+        self.resource = config.get("resource", "GPU")
+        self.scheduler: Scheduler | None = None
+        self._init_state()
+
+    def _init_state(self) -> None:
+        self.directory = BufferDirectory()
+        self.costs = CostModel()
+        self.fair = TenantQueue()
+        self.requests: dict[str, RequestRecord] = {}
+        self.selects: dict[str, str] = {}  # kept-output key -> graph key
+        self.queues: dict[str, dict[str, float]] = {}  # worker -> request key -> estimate
+        self.worker_stats: dict[str, dict[str, Any]] = {}
+        self.tenants: dict[str, TenantStats] = {}
+        self.timeline: deque[dict[str, Any]] = deque(maxlen=TIMELINE)
+        self.history: deque[dict[str, Any]] = deque(maxlen=600)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Sent to the scheduler when registered from a client: settings only.
+        return {"policy_name": self.policy_name, "worker_plugin": self.worker_plugin}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["policy_name"], state["worker_plugin"])  # type: ignore[misc]
+
+    # -- lifecycle -------------------------------------------------------
+    async def start(self, scheduler: "Scheduler") -> None:
+        self.scheduler = scheduler
+        scheduler.handlers.update({
+            "kaas_stats": self.handle_stats,
+            "kaas_info": self.handle_info,
+            "kaas_set_weight": self.handle_set_weight,
+            "kaas_state": self.handle_state,
+        })
+        scheduler.stream_handlers[UPDATE_OP] = self.handle_worker_update
+        scheduler.extensions["kaas"] = self
+        await scheduler.register_worker_plugin(
+            None, dumps(self.worker_plugin), name=PLUGIN_NAME, idempotent=True)
+
+    async def close(self) -> None:
+        if self.scheduler is not None:
+            for h in ("kaas_stats", "kaas_info", "kaas_set_weight", "kaas_state"):
+                self.scheduler.handlers.pop(h, None)
+            self.scheduler.stream_handlers.pop(UPDATE_OP, None)
+            self.scheduler.extensions.pop("kaas", None)
+
+    # -- candidates ------------------------------------------------------
+    def _candidates(self) -> list[WorkerView]:
+        s = self.scheduler
+        assert s is not None
+        views = []
+        for ws in s.running:
+            slots = int(ws.resources.get(self.resource, 0) or 0)
+            if slots <= 0:
+                continue
+            st = self.worker_stats.get(ws.address, {})
+            queue = self.queues.get(ws.address, {})
+            views.append(WorkerView(ws.address, slots, st.get("capacity_bytes"),
+                                    st.get("used_bytes", 0), sum(queue.values()), len(queue)))
+        return views
+
+    def _context(self) -> PlacementContext:
+        s = self.scheduler
+        assert s is not None
+
+        def who_has(key: str) -> set[str]:
+            ts = s.tasks.get(key)
+            return {ws.address for ws in ts.who_has} if ts is not None and ts.who_has else set()
+
+        return PlacementContext(self.directory, self.costs, who_has,
+                                network_bytes_per_s=float(s.bandwidth))
+
+    # -- new graphs ------------------------------------------------------
+    def update_graph(self, scheduler: "Scheduler", *, keys: Any = None, tasks: Any = None,
+                     annotations: dict[str, dict[Any, Any]] | None = None,
+                     stimulus_id: str | None = None, **kwargs: Any) -> None:
+        metas = (annotations or {}).get(ANNOTATION)
+        if not metas:
+            return
+        selects = []
+        now = time.monotonic()
+        ctx = None
+        candidates = None
+        for key, meta in metas.items():
+            ts = scheduler.tasks.get(key)
+            if ts is None or ts.state not in ("released", "waiting", "no-worker"):
+                continue
+            request = GraphRequest.from_annotation(meta)
+            if request.role == SELECT_ROLE:
+                selects.append((ts, request))
+                continue
+            if key in self.requests:
+                continue
+            if candidates is None:
+                candidates, ctx = self._candidates(), self._context()
+            rec = RequestRecord(request, now)
+            self.requests[key] = rec
+            self.tenant(request.tenant).submitted += 1
+            cost = self.costs.runtime_s(request.graph)
+            tag, seq = self.fair.admit(key, request.tenant, cost, request.weight)
+            ts.priority = (-request.priority, tag, seq)
+            if not ts.resource_restrictions:
+                ts.resource_restrictions = {self.resource: 1}
+            if candidates:
+                self._assign(ts, rec, self.policy.choose(request, candidates, ctx), candidates)
+        for ts, request in selects:
+            self._pin_select(ts, request.key)
+
+    def _assign(self, ts: "TaskState", rec: RequestRecord, view: WorkerView,
+                views: list[WorkerView] | None = None) -> None:
+        """Pin a graph task to a worker and book its expected work there."""
+        self._unbook(rec)
+        worker = view.address
+        rec.worker = worker
+        rec.estimate_s = self.costs.runtime_s(rec.request.graph)
+        self.queues.setdefault(worker, {})[ts.key] = rec.estimate_s
+        ts.worker_restrictions = {worker}
+        ts.loose_restrictions = False
+        for i in rec.request.inputs:
+            if i.buffer_id is not None:
+                self.directory.plan(worker, i.buffer_id, i.nbytes)
+                rec.planned.append(i.buffer_id)
+        for ref_id in rec.request.keep.values():
+            self.directory.plan(worker, ref_id, 0)
+            rec.planned.append(ref_id)
+        # Keep the views current within one burst of submissions.
+        view.queued_s += rec.estimate_s
+        view.queued_n += 1
+        view.used_bytes += sum(i.nbytes for i in rec.request.inputs
+                               if i.buffer_id is not None
+                               and not self.directory.is_resident(worker, i.buffer_id))
+
+    def _unbook(self, rec: RequestRecord) -> None:
+        if rec.worker is None:
+            return
+        self.queues.get(rec.worker, {}).pop(rec.request.key, None)
+        for bid in rec.planned:
+            self.directory.unplan(rec.worker, bid)
+        rec.planned = []
+
+    def _pin_select(self, ts: "TaskState", graph_key: str) -> None:
+        self.selects[ts.key] = graph_key
+        rec = self.requests.get(graph_key)
+        if rec is not None and rec.worker is not None:
+            ts.worker_restrictions = {rec.worker}
+            ts.loose_restrictions = False
+
+    # -- progress --------------------------------------------------------
+    def transition(self, key: Any, start: str, finish: str, *args: Any,
+                   stimulus_id: str | None = None, **kwargs: Any) -> None:
+        rec = self.requests.get(key)
+        if rec is not None:
+            if finish in ("memory", "erred") and start == "processing":
+                self._finish(rec, ok=finish == "memory")
+            elif finish == "forgotten":
+                self._unbook(rec)
+                self.fair.done(key)
+                del self.requests[key]
+            elif start == "processing":
+                # Released: its worker left or the client cancelled it.
+                self._unbook(rec)
+            return
+        if key in self.selects and finish == "forgotten":
+            del self.selects[key]
+            self.directory.forget_buffer(key)
+
+    def _finish(self, rec: RequestRecord, ok: bool) -> None:
+        now = time.monotonic()
+        self._unbook(rec)
+        self.fair.done(rec.request.key)
+        rec.done = True
+        t = self.tenant(rec.request.tenant)
+        if not ok:
+            t.errors += 1
+            return
+        latency = now - rec.submitted
+        t.graphs_run += 1
+        t.latencies.append(latency)
+        t.completions.append(time.time())
+        busy = (rec.report or {}).get("total_s")
+        if busy is not None:
+            t.queue_waits.append(max(0.0, latency - busy))
+
+    def tenant(self, name: str) -> TenantStats:
+        t = self.tenants.get(name)
+        if t is None:
+            t = self.tenants[name] = TenantStats()
+        return t
+
+    # -- workers -----------------------------------------------------------
+    def handle_worker_update(self, worker: str, events: list, stats: dict[str, Any],
+                             reports: list[dict[str, Any]] | None = None,
+                             resident: dict[str, int] | None = None, **kwargs: Any) -> None:
+        s = self.scheduler
+        if s is None or worker not in s.workers:
+            return
+        self.worker_stats[worker] = stats
+        if resident is not None:
+            self.directory.reset_worker(worker, resident)
+        for op, bid, nbytes in events:
+            if op == "add":
+                self.directory.added(worker, bid, nbytes)
+            else:
+                self.directory.removed(worker, bid)
+        for report in reports or ():
+            self.costs.observe(report)
+            rec = self.requests.get(report.get("key"))
+            if rec is not None:
+                rec.report = report
+            t = self.tenant(report.get("tenant", "default"))
+            t.bytes_to_device += int(report.get("bytes_to_device", 0))
+            t.hits += int(report.get("hits", 0))
+            t.misses += int(report.get("misses", 0))
+            if "started_at" in report:
+                self.timeline.append({
+                    "worker": worker, "tenant": report.get("tenant"),
+                    "graph": report.get("graph"), "start": report["started_at"],
+                    "end": report["started_at"] + report.get("total_s", 0.0),
+                    "error": bool(report.get("error"))})
+
+    def add_worker(self, scheduler: "Scheduler", worker: str) -> None:
+        self._replace(lambda rec: rec.worker is None, "kaas-add-worker")
+
+    def remove_worker(self, scheduler: "Scheduler", worker: str, *,
+                      stimulus_id: str | None = None, **kwargs: Any) -> None:
+        self.directory.forget_worker(worker)
+        self.worker_stats.pop(worker, None)
+        self.queues.pop(worker, None)
+        self._replace(lambda rec: rec.worker == worker, stimulus_id or "kaas-remove-worker")
+
+    def _replace(self, stranded: Any, stimulus_id: str) -> None:
+        """Place again the graphs pinned to a worker that left (or never
+        placed, for want of workers): nothing may wait for a dead worker."""
+        s = self.scheduler
+        assert s is not None
+        candidates = self._candidates()
+        if not candidates:
+            return
+        ctx = self._context()
+        recs: dict[Any, str] = {}
+        for key, rec in list(self.requests.items()):
+            if not stranded(rec):
+                continue
+            ts = s.tasks.get(key)
+            if ts is None or (ts.state == "memory" and ts.who_has) or ts.state == "erred":
+                continue
+            self._assign(ts, rec, self.policy.choose(rec.request, candidates, ctx), candidates)
+            if ts.state == "no-worker":
+                recs[key] = "processing"
+        for key, graph_key in self.selects.items():
+            ts = s.tasks.get(key)
+            rec = self.requests.get(graph_key)
+            if ts is None or rec is None or ts.state in ("memory", "erred"):
+                continue
+            if ts.worker_restrictions != {rec.worker}:
+                self._pin_select(ts, graph_key)
+                if ts.state == "no-worker":
+                    recs[key] = "processing"
+        if recs:
+            s.transitions(recs, stimulus_id)
+
+    # -- handlers ----------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        now = time.time()
+        s = self.scheduler
+        live = set(s.workers) if s is not None else set()
+        workers = {}
+        for addr, st in self.worker_stats.items():
+            if addr not in live:
+                continue
+            w = dict(st)
+            w["queued"] = len(self.queues.get(addr, {}))
+            workers[addr] = w
+        return {
+            "policy": self.policy.name,
+            "workers": workers,
+            "tenants": {name: t.to_dict(now) for name, t in sorted(self.tenants.items())},
+            "weights": {name: sh.weight for name, sh in self.fair.tenants.items()},
+        }
+
+    def handle_stats(self) -> dict[str, Any]:
+        return self.stats()
+
+    def handle_info(self) -> dict[str, Any]:
+        return {"policy": self.policy.name, "resource": self.resource,
+                "workers": {a: {"capacity_bytes": st.get("capacity_bytes"),
+                                "backend": st.get("backend"), "slots": st.get("slots")}
+                            for a, st in self.stats()["workers"].items()},
+                "candidates": [v.address for v in self._candidates()]}
+
+    def handle_set_weight(self, tenant: str, weight: float) -> None:
+        self.fair.set_weight(tenant, weight)
+
+    def handle_state(self) -> dict[str, Any]:
+        state = self.stats()
+        state["resident"] = self.directory.snapshot()
+        state["timeline"] = list(self.timeline)
+        return state

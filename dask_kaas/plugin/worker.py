@@ -1,0 +1,134 @@
+"""KaasWorkerPlugin: gives a Dask worker its device, cache and kernel cache.
+
+One plugin per worker owns one WorkerRuntime.  Graph tasks find it through
+``get_worker()`` and run there; what the cache loads and drops goes to the
+scheduler plugin over the worker's batched stream (the same stream, and so
+the same order, as the worker's own task-finished messages), so the buffer
+directory is up to date by the time a client sees a result.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from distributed.diagnostics.plugin import WorkerPlugin
+from tornado.ioloop import PeriodicCallback
+
+from .. import config
+from ..device.backend import make_backend
+from ..device.runtime import WorkerRuntime
+from ..graph.errors import NoKaasWorkersError
+
+if TYPE_CHECKING:
+    from distributed import Worker
+
+logger = logging.getLogger(__name__)
+
+PLUGIN_NAME = "dask-kaas"
+UPDATE_OP = "kaas-worker-update"
+
+
+class KaasWorkerPlugin(WorkerPlugin):
+    """Settings left as None come from the ``kaas.*`` Dask config on the worker."""
+
+    name = PLUGIN_NAME
+    idempotent = True
+
+    def __init__(self, backend: str | None = None, device_memory_limit: Any = None,
+                 rmm_pool_size: Any = None) -> None:
+        self.backend = backend
+        self.device_memory_limit = device_memory_limit
+        self.rmm_pool_size = rmm_pool_size
+        self.runtime: WorkerRuntime | None = None
+        self.worker: Worker | None = None
+        self._pending_reports: list[dict] = []
+        self._hello_sent = False
+        self._callback: PeriodicCallback | None = None
+
+    def setup(self, worker: "Worker") -> None:
+        from dask.utils import parse_timedelta
+
+        self.worker = worker
+        resource = config.get("resource", "GPU")
+        slots = int(worker.state.total_resources.get(resource, 1) or 1)
+        limit = self.device_memory_limit
+        if limit is None:
+            limit = config.get("device-memory-limit")
+        pool = self.rmm_pool_size if self.rmm_pool_size is not None else config.get(
+            "rmm-pool-size")
+        backend = make_backend(self.backend or config.get("backend"),
+                               device_memory_limit=limit, rmm_pool_size=pool)
+        if limit is None:
+            capacity = (config.CPU_DEFAULT_CAPACITY if backend.name == "cpu"
+                        else int(backend.physical_capacity() * config.GPU_DEFAULT_FRACTION))
+        else:
+            capacity = config.parse_memory(limit, backend.physical_capacity())
+        capacity = min(capacity, backend.pool_capacity(capacity))
+        self.runtime = WorkerRuntime(backend, capacity, slots)
+        worker.handlers["kaas_worker_stats"] = self.handle_stats
+        interval = parse_timedelta(config.get("report-interval", "200ms")) * 1000
+        self._callback = PeriodicCallback(self.flush, interval)
+        self._callback.start()
+        logger.info("dask_kaas: %s backend, %d bytes of device memory, %d slot(s)",
+                    backend.name, capacity, slots)
+
+    def teardown(self, worker: "Worker") -> None:
+        if self._callback is not None:
+            self._callback.stop()
+        worker.handlers.pop("kaas_worker_stats", None)
+        if self.runtime is not None:
+            self.runtime.close()
+            self.runtime = None
+
+    def handle_stats(self) -> dict[str, Any]:
+        rt = self.runtime
+        if rt is None:
+            return {}
+        return {"stats": rt.stats(), "resident": rt.cache.resident()}
+
+    # -- reports to the scheduler -----------------------------------------
+    def report(self, report: dict[str, Any]) -> None:
+        """Called from the task's thread once a graph is done."""
+        worker = self.worker
+        if worker is None:
+            return
+        worker.loop.add_callback(self.flush, report)
+
+    def flush(self, report: dict[str, Any] | None = None) -> None:
+        """Send cache changes (and a finished graph's report) to the scheduler;
+        keep them if the worker is not connected right now."""
+        rt, worker = self.runtime, self.worker
+        if rt is None or worker is None:
+            return
+        if report is not None:
+            self._pending_reports.append(report)
+        stream = getattr(worker, "batched_stream", None)
+        connected = stream is not None and stream.comm is not None and not stream.comm.closed()
+        if not connected:
+            self._hello_sent = False
+            return
+        events = rt.cache.drain_events()
+        if not events and not self._pending_reports and self._hello_sent:
+            return
+        msg: dict[str, Any] = {"op": UPDATE_OP, "events": events, "stats": rt.stats(),
+                               "reports": self._pending_reports}
+        if not self._hello_sent:
+            msg["resident"] = rt.cache.resident()
+            self._hello_sent = True
+        self._pending_reports = []
+        worker.batched_send(msg)
+
+
+def worker_runtime() -> tuple[WorkerRuntime, KaasWorkerPlugin]:
+    """The runtime of the worker this task runs on."""
+    from distributed import get_worker
+
+    worker = get_worker()
+    plugin = worker.plugins.get(PLUGIN_NAME)
+    runtime = getattr(plugin, "runtime", None)
+    if runtime is None:
+        raise NoKaasWorkersError(
+            f"worker {worker.address} has no dask_kaas plugin; start the cluster with "
+            "LocalKaasCluster, or the scheduler with --preload dask_kaas.preload")
+    return runtime, plugin  # type: ignore[return-value]

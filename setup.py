@@ -1,0 +1,44 @@
+from setuptools import find_packages, setup
+
+with open("README.md", encoding="utf-8") as f:
+    long_description = f.read()
+
+setup(
+    name="dask_kaas",
+    version="0.1.0",
+    description="Kernel-as-a-Service on Dask: serverless GPU kernel graphs on a shared pool",
+    long_description=long_description,
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["dask_kaas", "dask_kaas.*"]),
+    package_data={"dask_kaas": ["kaas.yaml", "kernels/*.cu"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "dask[distributed]>=2026.1.0,<2027",
+        "numpy>=1.26",
+        "bokeh>=3.1,<3.10",
+        "prometheus_client>=0.17",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-asyncio>=0.23",
+            "pytest-timeout>=2.2",
+            "hypothesis>=6.90",
+            "playwright>=1.40",
+            "matplotlib>=3.7",
+            "cuda-bindings>=12.8",
+            "nvidia-cuda-nvrtc>=12.8",
+        ],
+        "bench": ["matplotlib>=3.7"],
+        "cuda12": ["cupy-cuda12x>=13.3", "rmm-cu12>=24.10"],
+        "cuda13": ["cupy-cuda13x>=14.0", "rmm-cu13>=25.10"],
+    },
+    entry_points={"console_scripts": ["dask-kaas=dask_kaas.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Framework :: Dask",
+        "Topic :: System :: Distributed Computing",
+    ],
+)
