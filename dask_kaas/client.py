@@ -27,6 +27,7 @@ from .graph.errors import (
     BufferRoleError,
     GraphTooLargeError,
     KaasError,
+    KernelDefinitionError,
     NoKaasWorkersError,
     UnknownBufferError,
 )
@@ -185,6 +186,7 @@ def submit_kernel_graph(graph: KernelGraph, inputs: Mapping[str, Any],
     state = _state(client)
     state.ensure()
     graph.validate(inputs, device_capacity=state.max_capacity(graph.nbytes))
+    _check_backends(graph, state.current_info())
     keep = _check_keep(graph, keep_on_device)
     if not isinstance(tenant, str) or not tenant:
         raise KaasError(f"tenant must be a non-empty string, got {tenant!r}", graph=graph.name)
@@ -222,6 +224,20 @@ def submit_kernel_graph(graph: KernelGraph, inputs: Mapping[str, Any],
                               priority=priority)
         kept[name] = DeviceArrayFuture(f.key, client)
     return KernelGraphFuture(fut.key, client, graph.name, kept)
+
+
+def _check_backends(graph: KernelGraph, info: Mapping[str, Any]) -> None:
+    """A CUDA kernel without a CPU implementation cannot run on a cluster of
+    CPU-backend workers: say so now rather than from a worker."""
+    backends = {w.get("backend") for w in info.get("workers", {}).values()}
+    if backends != {"cpu"}:
+        return
+    for index, launch in enumerate(graph.launches):
+        if not launch.kernel.has_cpu_implementation():
+            raise KernelDefinitionError(
+                "CUDA kernel has no CPU implementation and every worker of this cluster "
+                "runs the CPU backend: pass cpu=<array function> to Kernel.cuda",
+                graph=graph.name, launch=index, kernel=launch.kernel.name)
 
 
 def _check_keep(graph: KernelGraph, keep_on_device: Iterable[str]) -> list[str]:

@@ -58,6 +58,19 @@ class DeviceArray:
                             "was closed)", buffer=self.buffer_id)
         return host
 
+    # Read-only NumPy behaviour for ordinary Dask tasks that receive a handle:
+    # anything an ndarray has is answered from a host copy.
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.get(), name)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.get()[index]
+
+    def __len__(self) -> int:
+        return self.shape[0] if self.shape else 0
+
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         arr = self.get()
         return arr.astype(dtype) if dtype is not None else arr

@@ -15,12 +15,12 @@ from typing import Any
 
 def describe(graph: str | None = None, launch: int | None = None,
              kernel: str | None = None, buffer: str | None = None) -> str:
-    """A compact "graph 'g', launch 2 (gemm), buffer 'x'" locator."""
+    """A compact "graph 'g', launch 2 (kernel 'gemm'), buffer 'x'" locator."""
     parts = []
     if graph is not None:
         parts.append(f"graph {graph!r}")
     if launch is not None:
-        parts.append(f"launch {launch}" + (f" ({kernel})" if kernel else ""))
+        parts.append(f"launch {launch}" + (f" (kernel {kernel!r})" if kernel else ""))
     elif kernel is not None:
         parts.append(f"kernel {kernel!r}")
     if buffer is not None:

@@ -3,14 +3,16 @@
 The default, ``affinity``, picks the worker where the graph is expected to
 *finish* first::
 
-    queue wait (work already placed there / its slots)
+    max(queue wait (until the work already placed there is expected done),
+        time until the graphs producing its inputs are expected to finish)
   + bytes of the graph's cacheable inputs missing from that device / H2D bandwidth
   + bytes that loading them would evict / H2D bandwidth (they will be missed later)
-  + bytes whose host copy lives on another worker / network bandwidth
+  + inputs whose host copy lives on another worker: fetch latency each, plus
+    their bytes / network bandwidth
   + the graph's expected run time
 
-Bandwidths and run times are measured online (CostModel), so there is no
-hand-tuned affinity penalty: a cached model wins while its worker is not too
+Bandwidths, fetch latency, per-request dispatch overhead and run times are
+measured online (CostModel), so there is no hand-tuned affinity penalty: a cached model wins while its worker is not too
 busy, and once waiting there costs more than loading the weights elsewhere,
 the graph goes elsewhere and the weights get a second copy.
 """
@@ -36,7 +38,8 @@ class WorkerView:
     slots: int = 1
     capacity_bytes: int | None = None
     used_bytes: int = 0
-    queued_s: float = 0.0
+    #: Seconds until the work already placed there is expected to be done.
+    wait_s: float = 0.0
     queued_n: int = 0
 
     @property
@@ -63,19 +66,35 @@ class CostModel:
     """Run times per graph name and host-to-device bandwidth, learned from
     what the workers report."""
 
-    default_runtime_s: float = 0.005
+    default_runtime_s: float = 0.002
     default_h2d_bytes_per_s: float = 4e9
+    default_fetch_latency_s: float = 0.003
+    default_dispatch_s: float = 0.001
     runtimes: dict[str, Ewma] = field(default_factory=dict)
     h2d: Ewma = field(init=False)
+    #: Time to fetch one dependency from another worker (Dask's transfer).
+    fetch_latency: Ewma = field(init=False)
+    #: Per-request time a worker slot spends outside the graph itself
+    #: (Dask's dispatch and result handling), seen between back-to-back runs.
+    dispatch: Ewma = field(init=False)
     #: Copies smaller than this measure latency, not bandwidth.
     min_bandwidth_sample: int = 256 * 1024
 
     def __post_init__(self) -> None:
         self.h2d = Ewma(self.default_h2d_bytes_per_s)
+        self.fetch_latency = Ewma(self.default_fetch_latency_s)
+        self.dispatch = Ewma(self.default_dispatch_s)
 
     def runtime_s(self, graph: str) -> float:
         e = self.runtimes.get(graph)
         return e.value if e is not None else self.default_runtime_s
+
+    def slot_time_s(self, graph: str) -> float:
+        """How long a request of ``graph`` occupies a worker slot."""
+        return self.runtime_s(graph) + self.dispatch.value
+
+    def observe_transfer(self, seconds: float, nbytes: int, bandwidth: float) -> None:
+        self.fetch_latency.add(max(0.0, seconds - nbytes / max(bandwidth, 1.0)))
 
     def observe(self, report: dict) -> None:
         if report.get("error"):
@@ -101,6 +120,20 @@ class PlacementContext:
     #: Dask key -> addresses holding its value in host memory.
     who_has: Callable[[str], set[str]]
     network_bytes_per_s: float = 100e6
+    #: Dask key -> seconds until the graph producing it is expected to be
+    #: done (None when it is not a pending graph's output).
+    pending_s: Callable[[str], float | None] = lambda key: None
+
+    def ready_in_s(self, request: GraphRequest) -> float:
+        """Earliest time the request can start anywhere: its inputs that
+        other graphs still have to produce."""
+        ready = 0.0
+        for i in request.inputs:
+            if i.dask_key is not None:
+                t = self.pending_s(i.dask_key)
+                if t is not None:
+                    ready = max(ready, t)
+        return ready
 
 
 def missing_device_bytes(request: GraphRequest, worker: str, directory: BufferDirectory) -> int:
@@ -108,20 +141,25 @@ def missing_device_bytes(request: GraphRequest, worker: str, directory: BufferDi
                if i.buffer_id is not None and not directory.holds(worker, i.buffer_id))
 
 
-def expected_completion_s(request: GraphRequest, w: WorkerView, ctx: PlacementContext) -> float:
+def expected_completion_s(request: GraphRequest, w: WorkerView, ctx: PlacementContext,
+                          ready_in_s: float | None = None) -> float:
+    if ready_in_s is None:
+        ready_in_s = ctx.ready_in_s(request)
     missing = missing_device_bytes(request, w.address, ctx.directory)
     free = w.free_bytes
     evicted = 0 if free is None else max(0, missing + request.nbytes - free)
-    remote = 0
+    remote = fetches = 0
     for i in request.inputs:
         if i.dask_key is not None:
             holders = ctx.who_has(i.dask_key)
             if holders and w.address not in holders:
                 remote += i.nbytes
-    return (w.queued_s / max(w.slots, 1)
+                fetches += 1
+    return (max(w.wait_s, ready_in_s)
             + ctx.costs.h2d_s(missing + evicted)
+            + fetches * ctx.costs.fetch_latency.value
             + remote / max(ctx.network_bytes_per_s, 1.0)
-            + ctx.costs.runtime_s(request.graph))
+            + ctx.costs.slot_time_s(request.graph))
 
 
 class Policy:
@@ -137,10 +175,12 @@ class AffinityPolicy(Policy):
 
     def choose(self, request: GraphRequest, workers: Sequence[WorkerView],
                ctx: PlacementContext) -> WorkerView:
+        ready = ctx.ready_in_s(request)
+
         def score(w: WorkerView) -> tuple[float, int, int, str]:
             held = sum(i.nbytes for i in request.inputs
                        if i.buffer_id is not None and ctx.directory.holds(w.address, i.buffer_id))
-            return (expected_completion_s(request, w, ctx), -held, w.queued_n, w.address)
+            return (expected_completion_s(request, w, ctx, ready), -held, w.queued_n, w.address)
 
         return min(workers, key=score)
 
@@ -152,7 +192,7 @@ class BalancePolicy(Policy):
 
     def choose(self, request: GraphRequest, workers: Sequence[WorkerView],
                ctx: PlacementContext) -> WorkerView:
-        return min(workers, key=lambda w: (w.queued_s / max(w.slots, 1), w.queued_n, w.address))
+        return min(workers, key=lambda w: (w.wait_s, w.queued_n, w.address))
 
 
 class RoundRobinPolicy(Policy):

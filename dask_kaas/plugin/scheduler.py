@@ -20,10 +20,17 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
 
 from .. import config
+from . import amm
 from ..request import ANNOTATION, SELECT_ROLE, GraphRequest
 from .directory import BufferDirectory
 from .fairness import TenantQueue
-from .placement import CostModel, PlacementContext, WorkerView, make_policy
+from .placement import (
+    CostModel,
+    PlacementContext,
+    WorkerView,
+    expected_completion_s,
+    make_policy,
+)
 from .stats import TenantStats
 from .worker import PLUGIN_NAME, UPDATE_OP, KaasWorkerPlugin
 
@@ -44,6 +51,7 @@ class RequestRecord:
     worker: str | None = None
     estimate_s: float = 0.0
     planned: list[str] = field(default_factory=list)
+    expected_finish: float = 0.0
     report: dict[str, Any] | None = None
     done: bool = False
 
@@ -69,9 +77,15 @@ class KaasSchedulerPlugin(SchedulerPlugin):
         self.selects: dict[str, str] = {}  # kept-output key -> graph key
         self.queues: dict[str, dict[str, float]] = {}  # worker -> request key -> estimate
         self.worker_stats: dict[str, dict[str, Any]] = {}
+        self.last_completion: dict[str, float] = {}
+        #: worker -> when the work placed on it is expected to be done
+        self.free_at: dict[str, float] = {}
         self.tenants: dict[str, TenantStats] = {}
         self.timeline: deque[dict[str, Any]] = deque(maxlen=TIMELINE)
         self.history: deque[dict[str, Any]] = deque(maxlen=600)
+        #: Recent placement decisions with every candidate's expected
+        #: completion time, for "why did it go there?".
+        self.decisions: deque[dict[str, Any]] = deque(maxlen=1000)
 
     def __getstate__(self) -> dict[str, Any]:
         # Sent to the scheduler when registered from a client: settings only.
@@ -91,6 +105,7 @@ class KaasSchedulerPlugin(SchedulerPlugin):
         })
         scheduler.stream_handlers[UPDATE_OP] = self.handle_worker_update
         scheduler.extensions["kaas"] = self
+        amm.install(scheduler, self.directory)
         await scheduler.register_worker_plugin(
             None, dumps(self.worker_plugin), name=PLUGIN_NAME, idempotent=True)
 
@@ -106,14 +121,16 @@ class KaasSchedulerPlugin(SchedulerPlugin):
         s = self.scheduler
         assert s is not None
         views = []
+        now = time.monotonic()
         for ws in s.running:
             slots = int(ws.resources.get(self.resource, 0) or 0)
             if slots <= 0:
                 continue
             st = self.worker_stats.get(ws.address, {})
             queue = self.queues.get(ws.address, {})
+            wait = max(0.0, self.free_at.get(ws.address, now) - now) if queue else 0.0
             views.append(WorkerView(ws.address, slots, st.get("capacity_bytes"),
-                                    st.get("used_bytes", 0), sum(queue.values()), len(queue)))
+                                    st.get("used_bytes", 0), wait, len(queue)))
         return views
 
     def _context(self) -> PlacementContext:
@@ -124,8 +141,16 @@ class KaasSchedulerPlugin(SchedulerPlugin):
             ts = s.tasks.get(key)
             return {ws.address for ws in ts.who_has} if ts is not None and ts.who_has else set()
 
+        now = time.monotonic()
+
+        def pending_s(key: str) -> float | None:
+            rec = self.requests.get(self.selects.get(key, key))
+            if rec is None or rec.done or rec.worker is None:
+                return None
+            return max(0.0, rec.expected_finish - now)
+
         return PlacementContext(self.directory, self.costs, who_has,
-                                network_bytes_per_s=float(s.bandwidth))
+                                network_bytes_per_s=float(s.bandwidth), pending_s=pending_s)
 
     # -- new graphs ------------------------------------------------------
     def update_graph(self, scheduler: "Scheduler", *, keys: Any = None, tasks: Any = None,
@@ -153,13 +178,19 @@ class KaasSchedulerPlugin(SchedulerPlugin):
             rec = RequestRecord(request, now)
             self.requests[key] = rec
             self.tenant(request.tenant).submitted += 1
-            cost = self.costs.runtime_s(request.graph)
+            cost = self.costs.slot_time_s(request.graph)
             tag, seq = self.fair.admit(key, request.tenant, cost, request.weight)
             ts.priority = (-request.priority, tag, seq)
             if not ts.resource_restrictions:
                 ts.resource_restrictions = {self.resource: 1}
             if candidates:
-                self._assign(ts, rec, self.policy.choose(request, candidates, ctx), candidates)
+                chosen = self.policy.choose(request, candidates, ctx)
+                self.decisions.append({
+                    "key": key, "worker": chosen.address,
+                    "scores": {v.address: expected_completion_s(request, v, ctx)
+                               for v in candidates},
+                    "waits": {v.address: v.wait_s for v in candidates}})
+                self._assign(ts, rec, chosen, candidates)
         for ts, request in selects:
             self._pin_select(ts, request.key)
 
@@ -169,7 +200,13 @@ class KaasSchedulerPlugin(SchedulerPlugin):
         self._unbook(rec)
         worker = view.address
         rec.worker = worker
-        rec.estimate_s = self.costs.runtime_s(rec.request.graph)
+        rec.estimate_s = self.costs.slot_time_s(rec.request.graph)
+        now = time.monotonic()
+        start_in = max(view.wait_s, self._context().ready_in_s(rec.request))
+        rec.expected_finish = now + start_in + rec.estimate_s
+        # With several slots, a busy worker frees one every estimate/slots.
+        booked = now + start_in + rec.estimate_s / max(view.slots, 1)
+        self.free_at[worker] = booked
         self.queues.setdefault(worker, {})[ts.key] = rec.estimate_s
         ts.worker_restrictions = {worker}
         ts.loose_restrictions = False
@@ -181,7 +218,7 @@ class KaasSchedulerPlugin(SchedulerPlugin):
             self.directory.plan(worker, ref_id, 0)
             rec.planned.append(ref_id)
         # Keep the views current within one burst of submissions.
-        view.queued_s += rec.estimate_s
+        view.wait_s = booked - now
         view.queued_n += 1
         view.used_bytes += sum(i.nbytes for i in rec.request.inputs
                                if i.buffer_id is not None
@@ -190,7 +227,10 @@ class KaasSchedulerPlugin(SchedulerPlugin):
     def _unbook(self, rec: RequestRecord) -> None:
         if rec.worker is None:
             return
-        self.queues.get(rec.worker, {}).pop(rec.request.key, None)
+        queue = self.queues.get(rec.worker, {})
+        queue.pop(rec.request.key, None)
+        if not queue:
+            self.free_at.pop(rec.worker, None)
         for bid in rec.planned:
             self.directory.unplan(rec.worker, bid)
         rec.planned = []
@@ -205,6 +245,9 @@ class KaasSchedulerPlugin(SchedulerPlugin):
     # -- progress --------------------------------------------------------
     def transition(self, key: Any, start: str, finish: str, *args: Any,
                    stimulus_id: str | None = None, **kwargs: Any) -> None:
+        for ss in kwargs.get("startstops") or ():
+            if ss.get("action") == "transfer":
+                self._observe_transfer(key, ss)
         rec = self.requests.get(key)
         if rec is not None:
             if finish in ("memory", "erred") and start == "processing":
@@ -221,8 +264,29 @@ class KaasSchedulerPlugin(SchedulerPlugin):
             del self.selects[key]
             self.directory.forget_buffer(key)
 
+    def _observe_transfer(self, key: Any, ss: dict[str, Any]) -> None:
+        s = self.scheduler
+        ts = s.tasks.get(key) if s is not None else None
+        nbytes = sum(max(d.nbytes, 0) for d in ts.dependencies) if ts is not None else 0
+        self.costs.observe_transfer(ss["stop"] - ss["start"], nbytes, float(s.bandwidth))
+
+    def _observe_dispatch(self, rec: RequestRecord, now: float) -> None:
+        """Back-to-back completions on one worker show how long a slot is
+        busy per request beyond the graph's own run time."""
+        worker = rec.worker
+        last = self.last_completion.get(worker) if worker else None
+        queue = self.queues.get(worker, {}) if worker else {}
+        backlog = len(queue) - (rec.request.key in queue)
+        busy = (rec.report or {}).get("total_s")
+        if last is not None and backlog > 0 and busy is not None:
+            slots = max(1, int(self.worker_stats.get(worker, {}).get("slots", 1)))
+            self.costs.dispatch.add(max(0.0, (now - last) * slots - busy))
+        if worker:
+            self.last_completion[worker] = now
+
     def _finish(self, rec: RequestRecord, ok: bool) -> None:
         now = time.monotonic()
+        self._observe_dispatch(rec, now)
         self._unbook(rec)
         self.fair.done(rec.request.key)
         rec.done = True
@@ -283,6 +347,7 @@ class KaasSchedulerPlugin(SchedulerPlugin):
         self.directory.forget_worker(worker)
         self.worker_stats.pop(worker, None)
         self.queues.pop(worker, None)
+        self.free_at.pop(worker, None)
         self._replace(lambda rec: rec.worker == worker, stimulus_id or "kaas-remove-worker")
 
     def _replace(self, stranded: Any, stimulus_id: str) -> None:

@@ -1,0 +1,30 @@
+"""The ``dask-kaas`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import demo
+
+    parser = argparse.ArgumentParser(prog="dask-kaas", description="Kernel-as-a-Service on Dask")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_demo = sub.add_parser("demo", help="run a multi-tenant MLP workload on a local cluster")
+    demo.add_arguments(p_demo)
+    p_demo.set_defaults(func=demo.run)
+    try:
+        from .bench import cli as bench_cli
+    except ImportError:  # pragma: no cover - the bench package is part of the package
+        bench_cli = None
+    if bench_cli is not None:
+        p_bench = sub.add_parser("bench", help="benchmark kaas against static and naive")
+        bench_cli.add_arguments(p_bench)
+        p_bench.set_defaults(func=bench_cli.run)
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Graph builders shared by the demo, the benchmark, the examples and tests."""
