@@ -17,14 +17,19 @@ from .client import (
 from .cluster import LocalKaasCluster
 from .device.handles import DeviceArray
 from .graph import *  # noqa: F401,F403
-from .graph import __all__ as _graph_all
 from .plugin.scheduler import KaasSchedulerPlugin
 from .plugin.worker import KaasWorkerPlugin
 
 __version__ = "0.1.0"
 
-__all__ = sorted(set(_graph_all) | {
-    "DeviceArray", "DeviceArrayFuture", "KaasClient", "KaasSchedulerPlugin",
-    "KaasWorkerPlugin", "KernelGraphFuture", "LocalKaasCluster", "kaas_set_weight",
+__all__ = [  # noqa: F405 - the graph model's names come from the star import
+    "ArgRef", "BackendUnavailableError", "Buffer", "BufferKind", "BufferRoleError",
+    "DeviceArray", "DeviceArrayFuture", "DeviceOutOfMemoryError", "DuplicateBufferError",
+    "GraphError", "GraphTooLargeError", "In", "InOut", "InputError", "InputMismatchError",
+    "KaasClient", "KaasError", "KaasSchedulerPlugin", "KaasWorkerPlugin", "Kernel",
+    "KernelDefinitionError", "KernelExecutionError", "KernelGraph", "KernelGraphFuture",
+    "Launch", "LaunchConfigError", "LiteralTypeError", "LocalKaasCluster", "MissingInputError",
+    "NoKaasWorkersError", "Out", "SerializationError", "UnexpectedInputError",
+    "UninitializedReadError", "UnknownBufferError", "UnwrittenOutputError", "kaas_set_weight",
     "kaas_stats", "submit_kernel_graph",
-})
+]

@@ -13,7 +13,8 @@ import threading
 import time
 import uuid
 import weakref
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import dask
 import numpy as np

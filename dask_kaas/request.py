@@ -42,7 +42,7 @@ class GraphRequest:
         return asdict(self)
 
     @classmethod
-    def from_annotation(cls, d: dict[str, Any]) -> "GraphRequest":
+    def from_annotation(cls, d: dict[str, Any]) -> GraphRequest:
         d = dict(d)
         d["inputs"] = [InputRef(**i) for i in d["inputs"]]
         return cls(**d)

@@ -13,7 +13,6 @@ from dask_kaas import (
     In,
     InOut,
     InputMismatchError,
-    KaasError,
     Kernel,
     KernelDefinitionError,
     KernelExecutionError,
@@ -206,7 +205,7 @@ def test_affinity_const_copied_once_and_graphs_stay(client):
     g.launch(Kernel.library("gemm"), [X, W, Out(Y)])
     before = totals(client)
     ran = []
-    for i in range(20):
+    for _ in range(20):
         x = f32(4, n)
         fut = client.submit_kernel_graph(g, {"x": x, "w": w})
         np.testing.assert_allclose(fut.result()["y"], x @ w, rtol=1e-4, atol=1e-4)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -72,13 +73,13 @@ class Backend(abc.ABC):
     def on_stream(self, stream: Any) -> Iterator[None]:
         yield
 
-    def synchronize(self, stream: Any) -> None:
+    def synchronize(self, stream: Any) -> None:  # noqa: B027 - a no-op by default
         """Wait until all work queued on ``stream`` is done."""
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name}
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a no-op by default
         """Release device resources."""
 
 

@@ -17,8 +17,9 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -35,7 +36,7 @@ class CacheEntry:
     loading: bool = True
     const: bool = False
     #: The handle whose data this entry is the only copy of (kept outputs).
-    owner: "weakref.ref[Any] | None" = None
+    owner: weakref.ref[Any] | None = None
     drop_when_unpinned: bool = False
 
 
@@ -84,7 +85,7 @@ class DeviceCache:
         self.capacity_bytes = int(capacity_bytes)
         self.wait_timeout = wait_timeout
         self.stats = CacheStats()
-        self._entries: "OrderedDict[str, CacheEntry]" = OrderedDict()
+        self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
         self._entry_bytes = 0
         self._private_bytes = 0
         self._cond = threading.Condition()

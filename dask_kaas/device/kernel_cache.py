@@ -15,7 +15,7 @@ class KernelCache:
     def __init__(self, backend: Backend, max_entries: int = 1024) -> None:
         self.backend = backend
         self.max_entries = max_entries
-        self._entries: "OrderedDict[Any, CompiledKernel]" = OrderedDict()
+        self._entries: OrderedDict[Any, CompiledKernel] = OrderedDict()
         self._lock = threading.Lock()
         self.compiles = 0
         self.hits = 0

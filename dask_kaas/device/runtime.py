@@ -16,7 +16,8 @@ import queue
 import threading
 import time
 import weakref
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -54,7 +55,7 @@ class WorkerRuntime:
         self.cache = DeviceCache(backend, capacity_bytes)
         self.kernels = KernelCache(backend)
         self.slots = max(1, int(slots))
-        self._free_streams: "queue.Queue[Any]" = queue.Queue()
+        self._free_streams: queue.Queue[Any] = queue.Queue()
         for s in backend.make_streams(self.slots):
             self._free_streams.put(s)
         self._lock = threading.Lock()

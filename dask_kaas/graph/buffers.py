@@ -46,7 +46,7 @@ class Buffer:
     def is_input(self) -> bool:
         return self.kind in (BufferKind.INPUT, BufferKind.CONST)
 
-    def same_as(self, other: "Buffer") -> bool:
+    def same_as(self, other: Buffer) -> bool:
         """Equal description (name, shape, dtype, kind), ignoring ownership."""
         return (self.name, self.shape, self.dtype, self.kind) == (
             other.name, other.shape, other.dtype, other.kind)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -229,7 +230,7 @@ class KernelGraph:
 
     # -- validation ----------------------------------------------------
     def validate(self, inputs: Mapping[str, Any] | None = None,
-                 device_capacity: int | None = None) -> "KernelGraph":
+                 device_capacity: int | None = None) -> KernelGraph:
         """Check the whole graph (and, if given, the inputs and the largest
         worker's device capacity); raise the specific KaasError, else return
         the graph."""
@@ -245,7 +246,7 @@ class KernelGraph:
         return graph_to_dict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "KernelGraph":
+    def from_dict(cls, d: Mapping[str, Any]) -> KernelGraph:
         from .serialize import graph_from_dict
 
         return graph_from_dict(d)
@@ -254,7 +255,7 @@ class KernelGraph:
         return json.dumps(self.to_dict(), **kwargs)
 
     @classmethod
-    def from_json(cls, text: str) -> "KernelGraph":
+    def from_json(cls, text: str) -> KernelGraph:
         from .errors import SerializationError
 
         try:

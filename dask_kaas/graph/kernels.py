@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from .errors import KernelDefinitionError, SerializationError
 from .library import BUILTINS
@@ -79,7 +80,7 @@ class Kernel:
 
     # -- constructors -------------------------------------------------
     @classmethod
-    def array(cls, fn: Callable[..., Any], name: str | None = None) -> "Kernel":
+    def array(cls, fn: Callable[..., Any], name: str | None = None) -> Kernel:
         """``fn(xp, *args)`` written against the NumPy/CuPy API; buffer
         arguments arrive as arrays (outputs are written in place), literals as
         NumPy scalars."""
@@ -89,7 +90,7 @@ class Kernel:
 
     @classmethod
     def cuda(cls, source: str, name: str, cpu: Callable[..., Any] | None = None,
-             options: Sequence[str] = (), name_expressions: Sequence[str] = ()) -> "Kernel":
+             options: Sequence[str] = (), name_expressions: Sequence[str] = ()) -> Kernel:
         """CUDA C source compiled with NVRTC on the worker.  ``name`` is the
         ``extern "C"`` function (or a template instantiation listed in
         ``name_expressions``); ``cpu`` is an array function with the same
@@ -110,7 +111,7 @@ class Kernel:
 
     @classmethod
     def cuda_file(cls, path: str | os.PathLike[str], name: str,
-                  cpu: Callable[..., Any] | None = None) -> "Kernel":
+                  cpu: Callable[..., Any] | None = None) -> Kernel:
         """A compiled PTX or cubin file.  Its bytes are read now, so the
         graph carries the image to the workers."""
         path = os.fspath(path)
@@ -128,7 +129,7 @@ class Kernel:
         return cls(cls.CUDA_FILE, name, image=image, image_format=ext[1:], cpu=cpu)
 
     @classmethod
-    def library(cls, name: str) -> "Kernel":
+    def library(cls, name: str) -> Kernel:
         """A built-in with an implementation for every backend: one of
         ``gemm``, ``axpy``, ``relu``, ``add``, ``copy``, ``reduce_sum``."""
         if name not in BUILTINS:
@@ -179,7 +180,7 @@ class Kernel:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Kernel":
+    def from_dict(cls, d: dict[str, Any]) -> Kernel:
         try:
             kind = d["kind"]
             name = d["name"]

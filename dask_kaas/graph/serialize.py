@@ -11,7 +11,8 @@ document gets the same validation as a graph built in Python.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -65,7 +66,7 @@ def literal_from_json(d: Mapping[str, Any]) -> np.generic:
     return dt.type(v)
 
 
-def graph_to_dict(graph: "KernelGraph") -> dict[str, Any]:
+def graph_to_dict(graph: KernelGraph) -> dict[str, Any]:
     kernels: list[Kernel] = []
     index: dict[int, int] = {}
     launches = []
@@ -104,7 +105,7 @@ def graph_to_dict(graph: "KernelGraph") -> dict[str, Any]:
     }
 
 
-def graph_from_dict(d: Mapping[str, Any]) -> "KernelGraph":
+def graph_from_dict(d: Mapping[str, Any]) -> KernelGraph:
     from .graph import KernelGraph
     from .launch import In, InOut, Out
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from .graph import KernelGraph
 
 
-def check_dataflow(graph: "KernelGraph") -> None:
+def check_dataflow(graph: KernelGraph) -> None:
     """Walk the launches in program order: a temp or output must be written
     before it is read, and every output must be written at least once."""
     if not graph.launches:
@@ -54,7 +55,7 @@ def value_signature(value: Any) -> tuple[tuple[int, ...], np.dtype] | None:
         return None
 
 
-def check_inputs(graph: "KernelGraph", inputs: Mapping[str, Any]) -> None:
+def check_inputs(graph: KernelGraph, inputs: Mapping[str, Any]) -> None:
     if not isinstance(inputs, Mapping):
         raise MissingInputError(f"inputs must be a mapping of input names to values, "
                                 f"got {type(inputs).__name__}", graph=graph.name)
@@ -85,7 +86,7 @@ def check_inputs(graph: "KernelGraph", inputs: Mapping[str, Any]) -> None:
                 graph=graph.name, buffer=name)
 
 
-def check_capacity(graph: "KernelGraph", capacity: int) -> None:
+def check_capacity(graph: KernelGraph, capacity: int) -> None:
     need = graph.nbytes
     if need > capacity:
         largest = max(graph.buffers.values(), key=lambda b: b.nbytes)
@@ -95,7 +96,7 @@ def check_capacity(graph: "KernelGraph", capacity: int) -> None:
             f"{largest.nbytes} bytes)", graph=graph.name)
 
 
-def validate_graph(graph: "KernelGraph", inputs: Mapping[str, Any] | None,
+def validate_graph(graph: KernelGraph, inputs: Mapping[str, Any] | None,
                    device_capacity: int | None) -> None:
     check_dataflow(graph)
     if inputs is not None:

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 class DeviceAwareReduceReplicas(ActiveMemoryManagerPolicy):
     __slots__ = ("directory",)
 
-    def __init__(self, directory: "BufferDirectory") -> None:
+    def __init__(self, directory: BufferDirectory) -> None:
         self.directory = directory
 
     def run(self):  # type: ignore[no-untyped-def]
@@ -49,7 +49,7 @@ class DeviceAwareReduceReplicas(ActiveMemoryManagerPolicy):
                 droppable.discard(ws)
 
 
-def install(scheduler, directory: "BufferDirectory") -> bool:  # type: ignore[no-untyped-def]
+def install(scheduler, directory: BufferDirectory) -> bool:  # type: ignore[no-untyped-def]
     """Swap the scheduler's ReduceReplicas for the device-aware policy."""
     amm = scheduler.extensions.get("amm")
     if amm is None:

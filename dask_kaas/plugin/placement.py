@@ -3,8 +3,8 @@
 The default, ``affinity``, picks the worker where the graph is expected to
 *finish* first::
 
-    max(queue wait (until the work already placed there is expected done),
-        time until the graphs producing its inputs are expected to finish)
+    max(queue wait (until the work placed there is expected done),
+        time until the graphs producing its inputs are expected done)
   + bytes of the graph's cacheable inputs missing from that device / H2D bandwidth
   + bytes that loading them would evict / H2D bandwidth (they will be missed later)
   + inputs whose host copy lives on another worker: fetch latency each, plus
@@ -12,17 +12,18 @@ The default, ``affinity``, picks the worker where the graph is expected to
   + the graph's expected run time
 
 Bandwidths, fetch latency, per-request dispatch overhead and run times are
-measured online (CostModel), so there is no hand-tuned affinity penalty: a cached model wins while its worker is not too
-busy, and once waiting there costs more than loading the weights elsewhere,
-the graph goes elsewhere and the weights get a second copy.
+measured online (CostModel), so there is no hand-tuned affinity penalty: a
+cached model wins while its worker is not too busy, and once waiting there
+costs more than loading the weights elsewhere, the graph goes elsewhere and
+the weights get a second copy.
 """
 
 from __future__ import annotations
 
 import itertools
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from ..request import GraphRequest
 from .directory import BufferDirectory

@@ -20,8 +20,8 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
 
 from .. import config
-from . import amm
 from ..request import ANNOTATION, SELECT_ROLE, GraphRequest
+from . import amm
 from .directory import BufferDirectory
 from .fairness import TenantQueue
 from .placement import (
@@ -95,7 +95,7 @@ class KaasSchedulerPlugin(SchedulerPlugin):
         self.__init__(state["policy_name"], state["worker_plugin"])  # type: ignore[misc]
 
     # -- lifecycle -------------------------------------------------------
-    async def start(self, scheduler: "Scheduler") -> None:
+    async def start(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
         scheduler.handlers.update({
             "kaas_stats": self.handle_stats,
@@ -153,7 +153,7 @@ class KaasSchedulerPlugin(SchedulerPlugin):
                                 network_bytes_per_s=float(s.bandwidth), pending_s=pending_s)
 
     # -- new graphs ------------------------------------------------------
-    def update_graph(self, scheduler: "Scheduler", *, keys: Any = None, tasks: Any = None,
+    def update_graph(self, scheduler: Scheduler, *, keys: Any = None, tasks: Any = None,
                      annotations: dict[str, dict[Any, Any]] | None = None,
                      stimulus_id: str | None = None, **kwargs: Any) -> None:
         metas = (annotations or {}).get(ANNOTATION)
@@ -194,7 +194,7 @@ class KaasSchedulerPlugin(SchedulerPlugin):
         for ts, request in selects:
             self._pin_select(ts, request.key)
 
-    def _assign(self, ts: "TaskState", rec: RequestRecord, view: WorkerView,
+    def _assign(self, ts: TaskState, rec: RequestRecord, view: WorkerView,
                 views: list[WorkerView] | None = None) -> None:
         """Pin a graph task to a worker and book its expected work there."""
         self._unbook(rec)
@@ -235,7 +235,7 @@ class KaasSchedulerPlugin(SchedulerPlugin):
             self.directory.unplan(rec.worker, bid)
         rec.planned = []
 
-    def _pin_select(self, ts: "TaskState", graph_key: str) -> None:
+    def _pin_select(self, ts: TaskState, graph_key: str) -> None:
         self.selects[ts.key] = graph_key
         rec = self.requests.get(graph_key)
         if rec is not None and rec.worker is not None:
@@ -339,10 +339,10 @@ class KaasSchedulerPlugin(SchedulerPlugin):
                     "end": report["started_at"] + report.get("total_s", 0.0),
                     "error": bool(report.get("error"))})
 
-    def add_worker(self, scheduler: "Scheduler", worker: str) -> None:
+    def add_worker(self, scheduler: Scheduler, worker: str) -> None:
         self._replace(lambda rec: rec.worker is None, "kaas-add-worker")
 
-    def remove_worker(self, scheduler: "Scheduler", worker: str, *,
+    def remove_worker(self, scheduler: Scheduler, worker: str, *,
                       stimulus_id: str | None = None, **kwargs: Any) -> None:
         self.directory.forget_worker(worker)
         self.worker_stats.pop(worker, None)

@@ -12,7 +12,7 @@ import numpy as np
 WINDOW = 20_000
 
 
-def percentile_ms(samples: "deque[float]", q: float) -> float | None:
+def percentile_ms(samples: deque[float], q: float) -> float | None:
     if not samples:
         return None
     return float(np.percentile(np.fromiter(samples, float), q) * 1000.0)
@@ -26,10 +26,10 @@ class TenantStats:
     bytes_to_device: int = 0
     hits: int = 0
     misses: int = 0
-    latencies: "deque[float]" = field(default_factory=lambda: deque(maxlen=WINDOW))
-    queue_waits: "deque[float]" = field(default_factory=lambda: deque(maxlen=WINDOW))
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    queue_waits: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
     #: (completion time, 1) samples for a requests-per-second rate.
-    completions: "deque[float]" = field(default_factory=lambda: deque(maxlen=WINDOW))
+    completions: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
 
     def to_dict(self, now: float, rate_window_s: float = 10.0) -> dict[str, Any]:
         recent = sum(1 for t in self.completions if now - t <= rate_window_s)

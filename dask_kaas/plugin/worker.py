@@ -46,7 +46,7 @@ class KaasWorkerPlugin(WorkerPlugin):
         self._hello_sent = False
         self._callback: PeriodicCallback | None = None
 
-    def setup(self, worker: "Worker") -> None:
+    def setup(self, worker: Worker) -> None:
         from dask.utils import parse_timedelta
 
         self.worker = worker
@@ -73,7 +73,7 @@ class KaasWorkerPlugin(WorkerPlugin):
         logger.info("dask_kaas: %s backend, %d bytes of device memory, %d slot(s)",
                     backend.name, capacity, slots)
 
-    def teardown(self, worker: "Worker") -> None:
+    def teardown(self, worker: Worker) -> None:
         if self._callback is not None:
             self._callback.stop()
         worker.handlers.pop("kaas_worker_stats", None)
