@@ -12,6 +12,7 @@ from .client import (
     KernelGraphFuture,
     kaas_set_weight,
     kaas_stats,
+    map_kernel_graph,
     submit_kernel_graph,
 )
 from .cluster import LocalKaasCluster
@@ -31,5 +32,5 @@ __all__ = [  # noqa: F405 - the graph model's names come from the star import
     "Launch", "LaunchConfigError", "LiteralTypeError", "LocalKaasCluster", "MissingInputError",
     "NoKaasWorkersError", "Out", "SerializationError", "UnexpectedInputError",
     "UninitializedReadError", "UnknownBufferError", "UnwrittenOutputError", "kaas_set_weight",
-    "kaas_stats", "submit_kernel_graph",
+    "kaas_stats", "map_kernel_graph", "submit_kernel_graph",
 ]

@@ -98,10 +98,17 @@ class _ClientState:
         self.tokens: dict[int, tuple[weakref.ref, str]] = {}
 
     def ensure(self) -> None:
+        """Install the plugins (once) and wait until workers report."""
+        if self.ensured:
+            return
         with self.lock:
-            if not self.ensured:
-                self.client.register_plugin(KaasSchedulerPlugin())
-                self.ensured = True
+            if self.ensured:
+                return
+            self.client.register_plugin(KaasSchedulerPlugin())
+            self._wait_for_workers()
+            self.ensured = True
+
+    def _wait_for_workers(self) -> None:
         info = self.refresh()
         deadline = time.monotonic() + WORKER_WAIT_S
         while (not info["candidates"] or set(info["candidates"]) - set(info["workers"])) \
@@ -181,50 +188,93 @@ def submit_kernel_graph(graph: KernelGraph, inputs: Mapping[str, Any],
     earlier graph).  Const arrays are identified by content and sent to the
     cluster once.  Returns a :class:`KernelGraphFuture`.
     """
+    (fut,) = map_kernel_graph(graph, [inputs], client, tenant=tenant,
+                              keep_on_device=keep_on_device, priority=priority, weight=weight)
+    return fut
+
+
+def map_kernel_graph(graph: KernelGraph, inputs: Iterable[Mapping[str, Any]],
+                     client: Client | None = None, *, tenant: str = "default",
+                     keep_on_device: Iterable[str] = (), priority: int = 0,
+                     weight: float | None = None) -> list[KernelGraphFuture]:
+    """Submit one request of ``graph`` per mapping in ``inputs``, all at once.
+
+    The whole batch reaches the scheduler in one message, so a burst of
+    requests is placed and prioritised together (and much faster than as
+    many ``submit_kernel_graph`` calls).
+    """
     client = client or default_client()
     if not isinstance(graph, KernelGraph):
         raise KaasError(f"submit_kernel_graph needs a KernelGraph, got {type(graph).__name__}")
-    state = _state(client)
-    state.ensure()
-    graph.validate(inputs, device_capacity=state.max_capacity(graph.nbytes))
-    _check_backends(graph, state.current_info())
-    keep = _check_keep(graph, keep_on_device)
     if not isinstance(tenant, str) or not tenant:
         raise KaasError(f"tenant must be a non-empty string, got {tenant!r}", graph=graph.name)
-
-    key = f"kaas-{graph.name}-{uuid.uuid4().hex}"
-    refs: list[InputRef] = []
-    values: list[Any] = []
-    for buf in graph.inputs:
-        value = inputs[buf.name]
-        const = buf.kind == BufferKind.CONST
-        if isinstance(value, Future):
-            refs.append(InputRef(buf.name, buf.nbytes, str(value.key), str(value.key), const))
-        elif isinstance(value, DeviceArray):
-            refs.append(InputRef(buf.name, buf.nbytes, value.buffer_id, None, const))
-        elif const:
-            value = state.const_future(np.asarray(value))
-            refs.append(InputRef(buf.name, buf.nbytes, str(value.key), str(value.key), True))
-        else:
-            value = np.ascontiguousarray(value)
-            refs.append(InputRef(buf.name, buf.nbytes, None, None, False))
-        values.append(value)
-    kept_ids = {name: f"{key}-out-{name}" for name in keep}
-    request = GraphRequest(key=key, graph=graph.name, tenant=tenant, inputs=refs,
-                           keep=kept_ids, nbytes=graph.nbytes, priority=priority, weight=weight)
+    state = _state(client)
+    state.ensure()
+    keep = _check_keep(graph, keep_on_device)
+    capacity = state.max_capacity(graph.nbytes)
+    _check_backends(graph, state.current_info())
+    requests: list[GraphRequest] = []
+    columns: list[list[Any]] = [[] for _ in graph.inputs]
+    for one in inputs:
+        graph.validate(one, device_capacity=capacity)
+        key = f"kaas-{graph.name}-{uuid.uuid4().hex}"
+        refs = []
+        for column, buf in zip(columns, graph.inputs):
+            ref, value = _input_ref(state, buf, one[buf.name])
+            refs.append(ref)
+            column.append(value)
+        requests.append(GraphRequest(
+            key=key, graph=graph.name, tenant=tenant, inputs=refs,
+            keep={name: f"{key}-out-{name}" for name in keep}, nbytes=graph.nbytes,
+            priority=priority, weight=weight))
+    if not requests:
+        return []
     resource = state.info.get("resource", config.get("resource", "GPU"))
-    with dask.annotate(**{ANNOTATION: request.to_annotation()}):
-        fut = client.submit(run_kernel_graph, graph, request, *values, key=key,
-                            resources={resource: 1}, pure=False, priority=priority)
-    kept: dict[str, DeviceArrayFuture] = {}
-    for name, ref_id in kept_ids.items():
-        sel = GraphRequest(key=key, graph=graph.name, tenant=tenant, inputs=[],
-                           role=SELECT_ROLE)
-        with dask.annotate(**{ANNOTATION: sel.to_annotation()}):
-            f = client.submit(select_output, fut, name, key=ref_id, pure=False,
-                              priority=priority)
-        kept[name] = DeviceArrayFuture(f.key, client)
-    return KernelGraphFuture(fut.key, client, graph.name, kept)
+    keys = [r.key for r in requests]
+    with dask.annotate(**{ANNOTATION: RequestTable(requests)}):
+        futs = client.map(run_kernel_graph, [graph] * len(requests), requests, *columns,
+                          key=keys, resources={resource: 1}, pure=False, priority=priority)
+    kept: list[dict[str, DeviceArrayFuture]] = [{} for _ in requests]
+    if keep:
+        selects = [GraphRequest(key=r.key, graph=graph.name, tenant=tenant, inputs=[],
+                                role=SELECT_ROLE) for r in requests]
+        table = RequestTable(selects, keys=[r.keep[name] for r in requests for name in keep])
+        with dask.annotate(**{ANNOTATION: table}):
+            sel = client.map(select_output, [f for f in futs for _ in keep],
+                             [name for _ in futs for name in keep],
+                             key=[r.keep[name] for r in requests for name in keep],
+                             pure=False, priority=priority)
+        for i, f in enumerate(sel):
+            kept[i // len(keep)][keep[i % len(keep)]] = DeviceArrayFuture(f.key, client)
+    return [KernelGraphFuture(f.key, client, graph.name, k) for f, k in zip(futs, kept)]
+
+
+class RequestTable:
+    """The ``kaas`` annotation of a batch: evaluated per task key on the
+    scheduler (Dask calls callable annotations with the key)."""
+
+    def __init__(self, requests: list[GraphRequest], keys: list[str] | None = None) -> None:
+        if keys is None:
+            self.table = {r.key: r for r in requests}
+        else:  # select tasks: several keys may share a request
+            per = len(keys) // max(len(requests), 1)
+            self.table = {k: requests[i // per] for i, k in enumerate(keys)}
+
+    def __call__(self, key: Any) -> GraphRequest | None:
+        return self.table.get(key)
+
+
+def _input_ref(state: _ClientState, buf: Any, value: Any) -> tuple[InputRef, Any]:
+    """How one input travels: by Dask key (futures, consts) or inline."""
+    const = buf.kind == BufferKind.CONST
+    if isinstance(value, Future):
+        return InputRef(buf.name, buf.nbytes, str(value.key), str(value.key), const), value
+    if isinstance(value, DeviceArray):
+        return InputRef(buf.name, buf.nbytes, value.buffer_id, None, const), value
+    if const:
+        fut = state.const_future(np.asarray(value))
+        return InputRef(buf.name, buf.nbytes, str(fut.key), str(fut.key), True), fut
+    return InputRef(buf.name, buf.nbytes, None, None, False), np.ascontiguousarray(value)
 
 
 def _check_backends(graph: KernelGraph, info: Mapping[str, Any]) -> None:
@@ -272,8 +322,30 @@ def kaas_set_weight(tenant: str, weight: float, client: Client | None = None) ->
     client.sync(client.scheduler.kaas_set_weight, tenant=tenant, weight=float(weight))
 
 
+def kaas_set_policy(policy: str, client: Client | None = None) -> str:
+    """Switch the cluster's placement policy."""
+    client = client or default_client()
+    _state(client).ensure()
+    return client.sync(client.scheduler.kaas_set_policy, policy=policy)
+
+
+def kaas_clear_caches(client: Client | None = None) -> None:
+    """Empty every worker's device cache (buffers in use stay)."""
+    client = client or default_client()
+    _state(client).ensure()
+    client.sync(client.scheduler.kaas_clear_caches)
+
+
 class KaasClient(Client):
     """A Dask client that also submits kernel graphs."""
+
+    def map_kernel_graph(self, graph: KernelGraph, inputs: Iterable[Mapping[str, Any]], *,
+                         tenant: str = "default", keep_on_device: Iterable[str] = (),
+                         priority: int = 0, weight: float | None = None
+                         ) -> list[KernelGraphFuture]:
+        return map_kernel_graph(graph, inputs, self, tenant=tenant,
+                                keep_on_device=keep_on_device, priority=priority,
+                                weight=weight)
 
     def submit_kernel_graph(self, graph: KernelGraph, inputs: Mapping[str, Any], *,
                             tenant: str = "default", keep_on_device: Iterable[str] = (),
@@ -289,6 +361,12 @@ class KaasClient(Client):
     def kaas_set_weight(self, tenant: str, weight: float) -> None:
         kaas_set_weight(tenant, weight, self)
 
+    def kaas_set_policy(self, policy: str) -> str:
+        return kaas_set_policy(policy, self)
+
+    def kaas_clear_caches(self) -> None:
+        kaas_clear_caches(self)
+
     def kaas_state(self) -> dict[str, Any]:
         """Everything the dashboard shows: stats, resident buffers, timeline."""
         _state(self).ensure()
@@ -296,4 +374,5 @@ class KaasClient(Client):
 
 
 __all__ = ["KaasClient", "KernelGraphFuture", "DeviceArrayFuture", "submit_kernel_graph",
+           "map_kernel_graph",
            "kaas_stats", "kaas_set_weight", "GraphTooLargeError"]

@@ -7,7 +7,7 @@ which inputs are cacheable under which identity and which outputs to keep.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -38,11 +38,10 @@ class GraphRequest:
     weight: float | None = None
     role: str = "graph"
 
-    def to_annotation(self) -> dict[str, Any]:
-        return asdict(self)
-
     @classmethod
-    def from_annotation(cls, d: dict[str, Any]) -> GraphRequest:
+    def from_annotation(cls, d: GraphRequest | dict[str, Any]) -> GraphRequest:
+        if isinstance(d, GraphRequest):
+            return d
         d = dict(d)
         d["inputs"] = [InputRef(**i) for i in d["inputs"]]
         return cls(**d)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from ..request import GraphRequest
 from .directory import BufferDirectory
 
-POLICIES = ("affinity", "balance", "round_robin", "static")
+POLICIES = ("affinity", "balance", "round_robin", "static", "dask")
 
 
 @dataclass
@@ -142,8 +142,9 @@ def missing_device_bytes(request: GraphRequest, worker: str, directory: BufferDi
                if i.buffer_id is not None and not directory.holds(worker, i.buffer_id))
 
 
-def expected_completion_s(request: GraphRequest, w: WorkerView, ctx: PlacementContext,
-                          ready_in_s: float | None = None) -> float:
+def completion_terms(request: GraphRequest, w: WorkerView, ctx: PlacementContext,
+                     ready_in_s: float | None = None) -> dict[str, float]:
+    """The parts of the expected completion time on ``w``, in seconds."""
     if ready_in_s is None:
         ready_in_s = ctx.ready_in_s(request)
     missing = missing_device_bytes(request, w.address, ctx.directory)
@@ -156,15 +157,24 @@ def expected_completion_s(request: GraphRequest, w: WorkerView, ctx: PlacementCo
             if holders and w.address not in holders:
                 remote += i.nbytes
                 fetches += 1
-    return (max(w.wait_s, ready_in_s)
-            + ctx.costs.h2d_s(missing + evicted)
-            + fetches * ctx.costs.fetch_latency.value
-            + remote / max(ctx.network_bytes_per_s, 1.0)
-            + ctx.costs.slot_time_s(request.graph))
+    return {
+        "start": max(w.wait_s, ready_in_s),
+        "load": ctx.costs.h2d_s(missing + evicted),
+        "fetch": fetches * ctx.costs.fetch_latency.value
+        + remote / max(ctx.network_bytes_per_s, 1.0),
+        "run": ctx.costs.slot_time_s(request.graph),
+    }
+
+
+def expected_completion_s(request: GraphRequest, w: WorkerView, ctx: PlacementContext,
+                          ready_in_s: float | None = None) -> float:
+    return sum(completion_terms(request, w, ctx, ready_in_s).values())
 
 
 class Policy:
     name = "?"
+    #: False for a policy that leaves the choice to Dask (no restriction).
+    pins = True
 
     def choose(self, request: GraphRequest, workers: Sequence[WorkerView],
                ctx: PlacementContext) -> WorkerView:
@@ -220,9 +230,22 @@ class StaticPolicy(Policy):
         return ordered[zlib.crc32(request.tenant.encode()) % len(ordered)]
 
 
+class DaskPolicy(Policy):
+    """Dask's own placement (dependencies, occupancy, stealing) with the
+    device cache and fair-share priorities still in place: the baseline that
+    shows what cache-aware placement adds."""
+
+    name = "dask"
+    pins = False
+
+    def choose(self, request: GraphRequest, workers: Sequence[WorkerView],
+               ctx: PlacementContext) -> WorkerView:  # pragma: no cover - never asked
+        raise RuntimeError("the dask policy does not choose workers")
+
+
 def make_policy(name: str) -> Policy:
     table = {"affinity": AffinityPolicy, "balance": BalancePolicy,
-             "round_robin": RoundRobinPolicy, "static": StaticPolicy}
+             "round_robin": RoundRobinPolicy, "static": StaticPolicy, "dask": DaskPolicy}
     try:
         return table[name]()
     except KeyError:

@@ -28,7 +28,7 @@ from .placement import (
     CostModel,
     PlacementContext,
     WorkerView,
-    expected_completion_s,
+    completion_terms,
     make_policy,
 )
 from .stats import TenantStats
@@ -97,12 +97,7 @@ class KaasSchedulerPlugin(SchedulerPlugin):
     # -- lifecycle -------------------------------------------------------
     async def start(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
-        scheduler.handlers.update({
-            "kaas_stats": self.handle_stats,
-            "kaas_info": self.handle_info,
-            "kaas_set_weight": self.handle_set_weight,
-            "kaas_state": self.handle_state,
-        })
+        scheduler.handlers.update(self._handlers())
         scheduler.stream_handlers[UPDATE_OP] = self.handle_worker_update
         scheduler.extensions["kaas"] = self
         amm.install(scheduler, self.directory)
@@ -111,17 +106,16 @@ class KaasSchedulerPlugin(SchedulerPlugin):
 
     async def close(self) -> None:
         if self.scheduler is not None:
-            for h in ("kaas_stats", "kaas_info", "kaas_set_weight", "kaas_state"):
+            for h in self._handlers():
                 self.scheduler.handlers.pop(h, None)
             self.scheduler.stream_handlers.pop(UPDATE_OP, None)
             self.scheduler.extensions.pop("kaas", None)
 
     # -- candidates ------------------------------------------------------
-    def _candidates(self) -> list[WorkerView]:
+    def _candidates(self, now: float) -> list[WorkerView]:
         s = self.scheduler
         assert s is not None
         views = []
-        now = time.monotonic()
         for ws in s.running:
             slots = int(ws.resources.get(self.resource, 0) or 0)
             if slots <= 0:
@@ -133,15 +127,18 @@ class KaasSchedulerPlugin(SchedulerPlugin):
                                     st.get("used_bytes", 0), wait, len(queue)))
         return views
 
-    def _context(self) -> PlacementContext:
+    def _context(self, now: float) -> PlacementContext:
+        """Placement inputs as of ``now`` (one clock for a whole decision)."""
         s = self.scheduler
         assert s is not None
 
         def who_has(key: str) -> set[str]:
             ts = s.tasks.get(key)
-            return {ws.address for ws in ts.who_has} if ts is not None and ts.who_has else set()
-
-        now = time.monotonic()
+            if ts is not None and ts.who_has:
+                return {ws.address for ws in ts.who_has}
+            # An output of a graph still to run will be where that graph runs.
+            rec = self.requests.get(self.selects.get(key, key))
+            return {rec.worker} if rec is not None and rec.worker else set()
 
         def pending_s(key: str) -> float | None:
             rec = self.requests.get(self.selects.get(key, key))
@@ -164,6 +161,8 @@ class KaasSchedulerPlugin(SchedulerPlugin):
         ctx = None
         candidates = None
         for key, meta in metas.items():
+            if meta is None:
+                continue
             ts = scheduler.tasks.get(key)
             if ts is None or ts.state not in ("released", "waiting", "no-worker"):
                 continue
@@ -174,35 +173,37 @@ class KaasSchedulerPlugin(SchedulerPlugin):
             if key in self.requests:
                 continue
             if candidates is None:
-                candidates, ctx = self._candidates(), self._context()
+                candidates, ctx = self._candidates(now), self._context(now)
             rec = RequestRecord(request, now)
             self.requests[key] = rec
             self.tenant(request.tenant).submitted += 1
-            cost = self.costs.slot_time_s(request.graph)
+            # Virtual time advances by the graph's measured compute time: a
+            # stable per-graph quantity (dispatch overhead is volatile and the
+            # same for every graph, so it stays out of the fair-share cost).
+            cost = self.costs.runtime_s(request.graph)
             tag, seq = self.fair.admit(key, request.tenant, cost, request.weight)
             ts.priority = (-request.priority, tag, seq)
             if not ts.resource_restrictions:
                 ts.resource_restrictions = {self.resource: 1}
-            if candidates:
+            if candidates and self.policy.pins:
                 chosen = self.policy.choose(request, candidates, ctx)
                 self.decisions.append({
-                    "key": key, "worker": chosen.address,
-                    "scores": {v.address: expected_completion_s(request, v, ctx)
-                               for v in candidates},
-                    "waits": {v.address: v.wait_s for v in candidates}})
-                self._assign(ts, rec, chosen, candidates)
+                    "key": key, "tenant": request.tenant, "graph": request.graph,
+                    "worker": chosen.address, "policy": self.policy.name,
+                    "terms": {v.address: completion_terms(request, v, ctx)
+                              for v in candidates}})
+                self._assign(ts, rec, chosen, ctx, now)
         for ts, request in selects:
             self._pin_select(ts, request.key)
 
     def _assign(self, ts: TaskState, rec: RequestRecord, view: WorkerView,
-                views: list[WorkerView] | None = None) -> None:
+                ctx: PlacementContext, now: float) -> None:
         """Pin a graph task to a worker and book its expected work there."""
         self._unbook(rec)
         worker = view.address
         rec.worker = worker
         rec.estimate_s = self.costs.slot_time_s(rec.request.graph)
-        now = time.monotonic()
-        start_in = max(view.wait_s, self._context().ready_in_s(rec.request))
+        start_in = max(view.wait_s, ctx.ready_in_s(rec.request))
         rec.expected_finish = now + start_in + rec.estimate_s
         # With several slots, a busy worker frees one every estimate/slots.
         booked = now + start_in + rec.estimate_s / max(view.slots, 1)
@@ -355,10 +356,11 @@ class KaasSchedulerPlugin(SchedulerPlugin):
         placed, for want of workers): nothing may wait for a dead worker."""
         s = self.scheduler
         assert s is not None
-        candidates = self._candidates()
-        if not candidates:
+        now = time.monotonic()
+        candidates = self._candidates(now)
+        if not candidates or not self.policy.pins:
             return
-        ctx = self._context()
+        ctx = self._context(now)
         recs: dict[Any, str] = {}
         for key, rec in list(self.requests.items()):
             if not stranded(rec):
@@ -366,7 +368,7 @@ class KaasSchedulerPlugin(SchedulerPlugin):
             ts = s.tasks.get(key)
             if ts is None or (ts.state == "memory" and ts.who_has) or ts.state == "erred":
                 continue
-            self._assign(ts, rec, self.policy.choose(rec.request, candidates, ctx), candidates)
+            self._assign(ts, rec, self.policy.choose(rec.request, candidates, ctx), ctx, now)
             if ts.state == "no-worker":
                 recs[key] = "processing"
         for key, graph_key in self.selects.items():
@@ -382,6 +384,16 @@ class KaasSchedulerPlugin(SchedulerPlugin):
             s.transitions(recs, stimulus_id)
 
     # -- handlers ----------------------------------------------------------
+    def _handlers(self) -> dict[str, Any]:
+        return {
+            "kaas_stats": self.handle_stats,
+            "kaas_info": self.handle_info,
+            "kaas_set_weight": self.handle_set_weight,
+            "kaas_state": self.handle_state,
+            "kaas_set_policy": self.handle_set_policy,
+            "kaas_clear_caches": self.handle_clear_caches,
+        }
+
     def stats(self) -> dict[str, Any]:
         now = time.time()
         s = self.scheduler
@@ -408,10 +420,22 @@ class KaasSchedulerPlugin(SchedulerPlugin):
                 "workers": {a: {"capacity_bytes": st.get("capacity_bytes"),
                                 "backend": st.get("backend"), "slots": st.get("slots")}
                             for a, st in self.stats()["workers"].items()},
-                "candidates": [v.address for v in self._candidates()]}
+                "candidates": [v.address for v in self._candidates(time.monotonic())]}
 
     def handle_set_weight(self, tenant: str, weight: float) -> None:
         self.fair.set_weight(tenant, weight)
+
+    def handle_set_policy(self, policy: str) -> str:
+        """Switch the placement policy (for experiments on one cluster)."""
+        self.policy = make_policy(policy)
+        self.policy_name = policy
+        return self.policy.name
+
+    async def handle_clear_caches(self) -> dict[str, Any]:
+        """Drop every unpinned buffer from every worker's device cache."""
+        s = self.scheduler
+        assert s is not None
+        return await s.broadcast(msg={"op": "kaas_worker_clear"})
 
     def handle_state(self) -> dict[str, Any]:
         state = self.stats()

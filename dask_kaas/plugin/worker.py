@@ -67,6 +67,7 @@ class KaasWorkerPlugin(WorkerPlugin):
         capacity = min(capacity, backend.pool_capacity(capacity))
         self.runtime = WorkerRuntime(backend, capacity, slots)
         worker.handlers["kaas_worker_stats"] = self.handle_stats
+        worker.handlers["kaas_worker_clear"] = self.handle_clear
         interval = parse_timedelta(config.get("report-interval", "200ms")) * 1000
         self._callback = PeriodicCallback(self.flush, interval)
         self._callback.start()
@@ -77,6 +78,7 @@ class KaasWorkerPlugin(WorkerPlugin):
         if self._callback is not None:
             self._callback.stop()
         worker.handlers.pop("kaas_worker_stats", None)
+        worker.handlers.pop("kaas_worker_clear", None)
         if self.runtime is not None:
             self.runtime.close()
             self.runtime = None
@@ -86,6 +88,14 @@ class KaasWorkerPlugin(WorkerPlugin):
         if rt is None:
             return {}
         return {"stats": rt.stats(), "resident": rt.cache.resident()}
+
+    def handle_clear(self) -> int:
+        rt = self.runtime
+        if rt is None:
+            return 0
+        rt.cache.clear()
+        self.flush()
+        return rt.cache.used_bytes
 
     # -- reports to the scheduler -----------------------------------------
     def report(self, report: dict[str, Any]) -> None:

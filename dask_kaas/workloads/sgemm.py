@@ -51,12 +51,18 @@ relu_inplace = Kernel.array(relu_inplace_fn, name="relu_inplace")
 
 
 def link_graph(n: int) -> KernelGraph:
-    g = KernelGraph(f"sgemm-link-{n}")
-    a = g.input("a", (n, n), np.float32)
+    """One link of the chain: c = relu(a @ b), all n x n."""
+    return link_graph_rect(n, n)
+
+
+def link_graph_rect(m: int, n: int) -> KernelGraph:
+    """c = relu(a @ b) with a of m x n rows and a square n x n const b."""
+    g = KernelGraph(f"sgemm-{m}x{n}")
+    a = g.input("a", (m, n), np.float32)
     b = g.const("b", (n, n), np.float32)
-    c = g.output("c", (n, n), np.float32)
-    grid = ((n + TILE - 1) // TILE, (n + TILE - 1) // TILE)
-    g.launch(sgemm, [In(a), In(b), Out(c), np.int32(n), np.int32(n), np.int32(n)],
+    c = g.output("c", (m, n), np.float32)
+    grid = ((n + TILE - 1) // TILE, (m + TILE - 1) // TILE)
+    g.launch(sgemm, [In(a), In(b), Out(c), np.int32(m), np.int32(n), np.int32(n)],
              grid=grid, block=(TILE, TILE))
     g.launch(relu_inplace, [InOut(c)])
     return g

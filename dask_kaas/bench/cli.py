@@ -1,0 +1,188 @@
+"""``dask-kaas bench`` (also ``python -m dask_kaas.bench``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from typing import Any
+
+from dask.utils import parse_bytes
+
+from .. import config
+
+ALL_MODES = ["kaas", "kaas-dask", "kaas-balance", "kaas-round_robin", "kaas-static", "naive",
+             "static"]
+QUICK_MODES = ["kaas", "kaas-dask", "naive", "static"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workload", default="mlp", choices=["mlp", "jacobi", "sgemm"])
+    p.add_argument("--tenants", default=None,
+                   help="comma-separated tenant counts (default 2,4,8; --quick: 8)")
+    p.add_argument("--workers", type=int, default=2, help="devices (workers) in the pool")
+    p.add_argument("--modes", default=None, help=f"comma-separated, from {','.join(ALL_MODES)}")
+    p.add_argument("--weights-mib", type=float, default=16.0, help="constant data per tenant")
+    p.add_argument("--device-memory-limit", default=None,
+                   help="per worker (default: 1.25 x all tenants' weights / workers + 8 MiB, "
+                        "so they fit the pool but not one device)")
+    p.add_argument("--load", default="closed", choices=["closed", "open"])
+    p.add_argument("--outstanding", type=int, default=2, help="closed loop: per tenant")
+    p.add_argument("--rate", type=float, default=100.0, help="open loop: requests/s")
+    p.add_argument("--duration", type=float, default=None, help="seconds per mode")
+    p.add_argument("--slots", type=int, default=1, help="graphs a worker runs at once")
+    p.add_argument("--no-fairness", action="store_true")
+    p.add_argument("--no-overhead", action="store_true")
+    p.add_argument("--quick", action="store_true", help="a run of under 2 minutes")
+    p.add_argument("--json", default=None, help="write results here")
+    p.add_argument("--plot", default=None, help="write a PNG plot here")
+
+
+def machine() -> dict[str, Any]:
+    from .. import __version__
+    from ..device.backend import gpu_count
+
+    try:
+        import distributed
+
+        dver = distributed.__version__
+    except Exception:  # noqa: BLE001
+        dver = "?"
+    return {"platform": platform.platform(), "python": platform.python_version(),
+            "cpus": os.cpu_count(), "gpus": gpu_count(), "distributed": dver,
+            "dask_kaas": __version__}
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..client import KaasClient
+    from ..cluster import LocalKaasCluster
+    from .driver import LoadSpec, run_load
+    from .modes import KaasMode, NaiveMode, StaticMode
+    from .report import plot, table, write_json
+    from .scenarios import fairness_order, overhead, weighted_share
+    from .workloads import make_workload
+
+    t_start = time.perf_counter()
+    counts = [int(c) for c in (args.tenants or ("8" if args.quick else "2,4,8")).split(",")]
+    modes = (args.modes or ",".join(QUICK_MODES if args.quick else ALL_MODES)).split(",")
+    unknown = set(modes) - set(ALL_MODES)
+    if unknown:
+        print(f"unknown modes: {sorted(unknown)}", file=sys.stderr)
+        return 2
+    duration = args.duration or (6.0 if args.quick else 15.0)
+    workload = make_workload(args.workload, args.weights_mib)
+    all_tenants = [workload.make_tenant(i) for i in range(max(counts))]
+    per_tenant = all_tenants[0].nbytes
+    if args.device_memory_limit:
+        limit = parse_bytes(args.device_memory_limit)
+    else:
+        # Each worker holds its share of all weights with a quarter to spare:
+        # together they fit the pool, but never one device.
+        limit = int(max(counts) * per_tenant * 1.25 / args.workers) + 8 * 2**20
+    spec = LoadSpec(kind=args.load, outstanding=args.outstanding, rate=args.rate,
+                    duration=duration)
+    doc: dict[str, Any] = {
+        "command": "dask-kaas bench " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else []),
+        "machine": machine(),
+        "config": {"workload": args.workload, "workers": args.workers, "tenant_counts": counts,
+                   "weights_bytes_per_tenant": per_tenant, "device_memory_limit": limit,
+                   "load": args.load, "outstanding": args.outstanding, "rate": args.rate,
+                   "duration_s": duration, "slots": args.slots},
+        "runs": [],
+    }
+    print(f"workload {args.workload}: {per_tenant / 2**20:.1f} MiB of weights per tenant; "
+          f"{args.workers} workers with {limit / 2**20:.0f} MiB of device memory each; "
+          f"{args.load} loop, {duration:.0f}s per mode")
+
+    with LocalKaasCluster(args.workers, device_memory_limit=limit, slots=args.slots,
+                          dashboard_address=None) as cluster, KaasClient(cluster) as client:
+        doc["config"]["backend"] = cluster.kaas_backend
+        static_mode = None
+        for n in counts:
+            tenants = all_tenants[:n]
+            for m in modes:
+                if m == "static":
+                    static_mode = static_mode or StaticMode(args.workers, workload)
+                    mode: Any = static_mode
+                elif m == "naive":
+                    mode = NaiveMode(client, workload, config.get("resource", "GPU"))
+                else:
+                    policy = "affinity" if m == "kaas" else m.split("-", 1)[1]
+                    mode = KaasMode(client, workload, policy, name=m)
+                res = run_load(mode, workload, tenants, spec).summary()
+                if m == "static":
+                    static_mode.close()  # a fresh pool per tenant count
+                    static_mode = None
+                else:
+                    mode.close()
+                doc["runs"].append(res)
+                print(table([res]).splitlines()[-1], flush=True)
+        if not args.no_fairness:
+            print("fairness...", flush=True)
+            doc["fairness"] = {
+                "kaas": fairness_order(client, workload, mode="kaas"),
+                "fifo": [fairness_order(client, workload, mode="fifo") for _ in range(3)],
+                "weighted": weighted_share(client, workload, duration=min(8.0, duration)),
+            }
+        if not args.no_overhead:
+            print("overhead...", flush=True)
+            doc["overhead"] = overhead(client, rounds=5 if args.quick else 10)
+
+    doc["ratios"] = ratios(doc["runs"], max(counts))
+    doc["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+    print()
+    print(table(doc["runs"]))
+    print_summary(doc)
+    if args.json:
+        write_json(args.json, doc)
+        print(f"JSON: {args.json}")
+    if args.plot:
+        plot(args.plot, doc["runs"])
+        print(f"plot: {args.plot}")
+    return 0
+
+
+def ratios(runs: list[dict[str, Any]], n: int) -> dict[str, float | None]:
+    by = {r["mode"]: r for r in runs if r["tenants"] == n}
+
+    def div(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    k, s, nv = by.get("kaas"), by.get("static"), by.get("naive")
+    return {
+        "tenants": n,
+        "kaas_vs_static_throughput": div(k and k["throughput_rps"], s and s["throughput_rps"]),
+        "kaas_vs_naive_throughput": div(k and k["throughput_rps"], nv and nv["throughput_rps"]),
+        "static_vs_kaas_p99": div(s and s["p99_ms"], k and k["p99_ms"]),
+    }
+
+
+def print_summary(doc: dict[str, Any]) -> None:
+    r = doc["ratios"]
+
+    def f(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}x"
+
+    print(f"\nratios at {r['tenants']} tenants: kaas/static throughput "
+          f"{f(r['kaas_vs_static_throughput'])}, kaas/naive throughput "
+          f"{f(r['kaas_vs_naive_throughput'])}, static/kaas p99 {f(r['static_vs_kaas_p99'])}")
+    fair = doc.get("fairness")
+    if fair:
+        fifo_last = [x["last_light"] for x in fair["fifo"]]
+        print(f"fairness: light's last of {fair['kaas']['total']} completions at position "
+              f"{fair['kaas']['last_light']} with kaas (FIFO: {fifo_last}); weighted 2:1 "
+              f"completed {fair['weighted']['completed']} (ratio "
+              f"{f(fair['weighted']['ratio'])})")
+    ov = doc.get("overhead")
+    if ov:
+        print(f"overhead: kaas p50 {ov['kaas_p50_ms']:.2f} ms vs plain client.submit "
+              f"{ov['plain_submit_p50_ms']:.2f} ms ({ov['ratio']:.2f}x)")
+    print(f"elapsed {doc['elapsed_s']}s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dask-kaas bench", description=__doc__)
+    add_arguments(p)
+    return run(p.parse_args(argv))

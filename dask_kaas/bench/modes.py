@@ -1,0 +1,249 @@
+"""The systems a benchmark compares, behind one small interface.
+
+- ``KaasMode``: this system (any placement policy).
+- ``NaiveMode``: plain ``client.submit`` of the same NumPy work with the GPU
+  resource and default Dask placement; no device cache, so every call copies
+  all its inputs to the "device" (fresh memory), as a GPU function without a
+  cache would.
+- ``StaticMode``: dedicated allocation, the serverless status quo.  A tenant
+  needs a device of its own; with more tenants than devices it waits for one
+  and pays a real cold start: the device's worker process is restarted and
+  the tenant's weights are loaded into the new one.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import dask
+from distributed import Client, Future, LocalCluster
+
+from ..client import KaasClient
+from .workloads import Tenant, Workload, run_host
+
+
+def scatter_named(client: Client, arrays: dict[str, Any], **kwargs: Any) -> dict[str, Future]:
+    """Scatter named arrays under fresh keys (a dict given to ``scatter``
+    would use its names as keys, shared by every tenant)."""
+    names = list(arrays)
+    futs = client.scatter([arrays[n] for n in names], hash=False, **kwargs)
+    return dict(zip(names, futs))
+
+
+class Mode:
+    name = "?"
+
+    def prepare(self, tenants: list[Tenant]) -> None:
+        self.tenants = tenants
+
+    def submit(self, tenant: int, request: dict[str, Any]) -> Any:
+        """Start one request; returns an object with ``add_done_callback``
+        and ``result()`` whose result is the output array."""
+        raise NotImplementedError
+
+    def counters(self) -> dict[str, float]:
+        """Cumulative hits, misses, bytes_to_device, cold_starts."""
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class KaasMode(Mode):
+    def __init__(self, client: KaasClient, workload: Workload, policy: str = "affinity",
+                 name: str | None = None) -> None:
+        self.client = client
+        self.workload = workload
+        self.policy = policy
+        self.name = name or ("kaas" if policy == "affinity" else f"kaas-{policy}")
+
+    def prepare(self, tenants: list[Tenant]) -> None:
+        super().prepare(tenants)
+        self.client.kaas_set_policy(self.policy)
+        self.client.kaas_clear_caches()
+
+    def submit(self, tenant: int, request: dict[str, Any]) -> Any:
+        t = self.tenants[tenant]
+        return _OutputFuture(self.client.submit_kernel_graph(
+            self.workload.graph, {**t.consts, **request}, tenant=t.name), self.workload.output)
+
+    def counters(self) -> dict[str, float]:
+        ws = self.client.kaas_stats()["workers"].values()
+        return {k: float(sum(w[k] for w in ws)) for k in ("hits", "misses", "bytes_to_device")}
+
+
+class _OutputFuture:
+    """A Dask future whose result is one output array of a graph."""
+
+    def __init__(self, fut: Future, output: str) -> None:
+        self.fut = fut
+        self.output = output
+
+    def add_done_callback(self, fn: Any) -> None:
+        self.fut.add_done_callback(lambda _: fn(self))
+
+    def result(self) -> Any:
+        return self.fut.result()[self.output]
+
+
+class NaiveMode(Mode):
+    name = "naive"
+
+    def __init__(self, client: Client, workload: Workload, resource: str = "GPU") -> None:
+        self.client = client
+        self.workload = workload
+        self.resource = resource
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def prepare(self, tenants: list[Tenant]) -> None:
+        super().prepare(tenants)
+        # Weights live in the cluster's host memory, scattered once per tenant.
+        self.weights = [scatter_named(self.client, t.consts) for t in tenants]
+
+    def submit(self, tenant: int, request: dict[str, Any]) -> Any:
+        t = self.tenants[tenant]
+        with self._lock:
+            self._bytes += t.nbytes + sum(a.nbytes for a in request.values())
+        fut = self.client.submit(run_host, self.workload.host_fn, True,
+                                 **self.weights[tenant], **request,
+                                 resources={self.resource: 1}, pure=False)
+        return _OutputFuture(fut, self.workload.output)
+
+    def counters(self) -> dict[str, float]:
+        return {"bytes_to_device": float(self._bytes)}
+
+    def close(self) -> None:
+        self.weights = []
+
+
+class StaticMode(Mode):
+    """Dedicated devices, handed from tenant to tenant with cold starts."""
+
+    name = "static"
+
+    def __init__(self, n_devices: int, workload: Workload) -> None:
+        self.workload = workload
+        self.n_devices = n_devices
+        self._pending: dict[int, deque] = {}
+        self._serving: set[int] = set()
+        self._cond = threading.Condition()
+        self._restart_lock = threading.Lock()
+        self._stop = False
+        self.cold_starts = 0
+        self.bytes_to_device = 0
+        self.cold_start_seconds: list[float] = []
+        # A worker missing while it restarts must not be closed for good.
+        self._config = dask.config.set({"distributed.deploy.lost-worker-timeout": "600s"})
+        self._config.__enter__()
+        self.cluster = LocalCluster(n_workers=n_devices, threads_per_worker=1,
+                                    resources={"GPU": 1}, host="127.0.0.1",
+                                    dashboard_address=None, processes=True)
+        self.client = Client(self.cluster)
+
+    def prepare(self, tenants: list[Tenant]) -> None:
+        super().prepare(tenants)
+        self._pending = {i: deque() for i in range(len(tenants))}
+        names = sorted(self._names())
+        self._threads = [threading.Thread(target=self._device_loop, args=(name,), daemon=True,
+                                          name=f"static-device-{name}") for name in names]
+        for th in self._threads:
+            th.start()
+
+    def _names(self) -> dict[Any, str]:
+        return {w["name"]: addr for addr, w in self.client.scheduler_info()["workers"].items()}
+
+    def _address(self, name: Any) -> str:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            addr = self._names().get(name)
+            if addr is not None:
+                return addr
+            time.sleep(0.05)
+        raise TimeoutError(f"static baseline: worker {name!r} did not come back")
+
+    def submit(self, tenant: int, request: dict[str, Any]) -> Any:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            self._pending[tenant].append((request, fut, time.monotonic()))
+            self._cond.notify_all()
+        return fut
+
+    def _next_tenant(self) -> int | None:
+        """The tenant whose oldest request has waited longest, among those no
+        device is serving.  Caller holds the lock."""
+        best = None
+        for t, q in self._pending.items():
+            if q and t not in self._serving and (best is None or q[0][2] < best[1]):
+                best = (t, q[0][2])
+        return best[0] if best else None
+
+    def _device_loop(self, name: Any) -> None:
+        warm: int | None = None
+        weights: dict[str, Future] = {}
+        addr = self._address(name)
+        while True:
+            with self._cond:
+                tenant = self._next_tenant()
+                while tenant is None and not self._stop:
+                    self._cond.wait(0.1)
+                    tenant = self._next_tenant()
+                if self._stop:
+                    return
+                self._serving.add(tenant)
+                batch = list(self._pending[tenant])
+                self._pending[tenant].clear()
+            try:
+                if warm != tenant:
+                    weights = {}  # no results may remain on a worker we restart
+                    t0 = time.perf_counter()
+                    with self._restart_lock:  # concurrent restarts race in Dask
+                        self.client.restart_workers([addr])
+                    addr = self._address(name)
+                    weights = scatter_named(self.client, self.tenants[tenant].consts,
+                                            workers=[addr])
+                    self.cold_start_seconds.append(time.perf_counter() - t0)
+                    self.cold_starts += 1
+                    self.bytes_to_device += self.tenants[tenant].nbytes
+                    warm = tenant
+                futs = [self.client.submit(run_host, self.workload.host_fn, False, **weights,
+                                           **req, workers=[addr], resources={"GPU": 1},
+                                           pure=False) for req, _, _ in batch]
+                for (req, out, _), f in zip(batch, futs):
+                    try:
+                        out.set_result(f.result()[self.workload.output])
+                    except Exception as e:  # noqa: BLE001 - reported as a failed request
+                        out.set_exception(e)
+                    self.bytes_to_device += sum(a.nbytes for a in req.values())
+                del futs
+            except Exception as e:  # noqa: BLE001
+                for _, out, _ in batch:
+                    if not out.done():
+                        out.set_exception(e)
+                warm = None
+            finally:
+                with self._cond:
+                    self._serving.discard(tenant)
+                    self._cond.notify_all()
+
+    def counters(self) -> dict[str, float]:
+        return {"bytes_to_device": float(self.bytes_to_device),
+                "cold_starts": float(self.cold_starts)}
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            for q in self._pending.values():
+                for _, fut, _ in q:
+                    fut.cancel()
+                q.clear()
+            self._cond.notify_all()
+        for th in getattr(self, "_threads", []):
+            th.join(timeout=30)
+        self.client.close()
+        self.cluster.close()
+        self._config.__exit__(None, None, None)
