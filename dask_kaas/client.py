@@ -232,8 +232,14 @@ def map_kernel_graph(graph: KernelGraph, inputs: Iterable[Mapping[str, Any]],
     resource = state.info.get("resource", config.get("resource", "GPU"))
     keys = [r.key for r in requests]
     with dask.annotate(**{ANNOTATION: RequestTable(requests)}):
-        futs = client.map(run_kernel_graph, [graph] * len(requests), requests, *columns,
-                          key=keys, resources={resource: 1}, pure=False, priority=priority)
+        if len(requests) == 1:  # client.map's batching costs more for one task
+            futs = [client.submit(run_kernel_graph, graph, requests[0],
+                                  *(col[0] for col in columns), key=keys[0],
+                                  resources={resource: 1}, pure=False, priority=priority)]
+        else:
+            futs = client.map(run_kernel_graph, [graph] * len(requests), requests, *columns,
+                              key=keys, resources={resource: 1}, pure=False,
+                              priority=priority)
     kept: list[dict[str, DeviceArrayFuture]] = [{} for _ in requests]
     if keep:
         selects = [GraphRequest(key=r.key, graph=graph.name, tenant=tenant, inputs=[],

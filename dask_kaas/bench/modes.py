@@ -14,13 +14,14 @@
 from __future__ import annotations
 
 import concurrent.futures
+import queue
 import threading
 import time
 from collections import deque
 from typing import Any
 
 import dask
-from distributed import Client, Future, LocalCluster
+from distributed import Client, Future, LocalCluster, as_completed
 
 from ..client import KaasClient
 from .workloads import Tenant, Workload, run_host
@@ -41,9 +42,23 @@ class Mode:
         self.tenants = tenants
 
     def submit(self, tenant: int, request: dict[str, Any]) -> Any:
-        """Start one request; returns an object with ``add_done_callback``
-        and ``result()`` whose result is the output array."""
+        """Start one request; returns a future (Dask's, or concurrent's)."""
         raise NotImplementedError
+
+    def submit_many(self, tenant: int, requests: list[dict[str, Any]]) -> list[Any]:
+        """Start several requests of one tenant at once."""
+        return [self.submit(tenant, r) for r in requests]
+
+    def completions(self) -> Any:
+        """An ``as_completed``-like object: ``add(future)``, and iteration
+        yielding finished futures.  The load generator fetches only the
+        results it checks, so that it is not itself the bottleneck of a
+        2-core machine (every mode is measured the same way)."""
+        return as_completed([])
+
+    def output(self, result: Any) -> Any:
+        """The output array out of a request's result."""
+        return result
 
     def counters(self) -> dict[str, float]:
         """Cumulative hits, misses, bytes_to_device, cold_starts."""
@@ -68,26 +83,16 @@ class KaasMode(Mode):
 
     def submit(self, tenant: int, request: dict[str, Any]) -> Any:
         t = self.tenants[tenant]
-        return _OutputFuture(self.client.submit_kernel_graph(
-            self.workload.graph, {**t.consts, **request}, tenant=t.name), self.workload.output)
+        return self.client.submit_kernel_graph(self.workload.graph, {**t.consts, **request},
+                                               tenant=t.name)
+
+    def output(self, result: Any) -> Any:
+        return result[self.workload.output]
 
     def counters(self) -> dict[str, float]:
         ws = self.client.kaas_stats()["workers"].values()
-        return {k: float(sum(w[k] for w in ws)) for k in ("hits", "misses", "bytes_to_device")}
-
-
-class _OutputFuture:
-    """A Dask future whose result is one output array of a graph."""
-
-    def __init__(self, fut: Future, output: str) -> None:
-        self.fut = fut
-        self.output = output
-
-    def add_done_callback(self, fn: Any) -> None:
-        self.fut.add_done_callback(lambda _: fn(self))
-
-    def result(self) -> Any:
-        return self.fut.result()[self.output]
+        return {k: float(sum(w[k] for w in ws))
+                for k in ("hits", "misses", "bytes_to_device", "evictions")}
 
 
 class NaiveMode(Mode):
@@ -109,16 +114,61 @@ class NaiveMode(Mode):
         t = self.tenants[tenant]
         with self._lock:
             self._bytes += t.nbytes + sum(a.nbytes for a in request.values())
-        fut = self.client.submit(run_host, self.workload.host_fn, True,
-                                 **self.weights[tenant], **request,
-                                 resources={self.resource: 1}, pure=False)
-        return _OutputFuture(fut, self.workload.output)
+        return self.client.submit(run_host, self.workload.host_fn, True,
+                                  **self.weights[tenant], **request,
+                                  resources={self.resource: 1}, pure=False)
+
+    def output(self, result: Any) -> Any:
+        return result[self.workload.output]
 
     def counters(self) -> dict[str, float]:
         return {"bytes_to_device": float(self._bytes)}
 
     def close(self) -> None:
         self.weights = []
+
+
+class _CompletionQueue:
+    """``as_completed`` for concurrent futures."""
+
+    def __init__(self) -> None:
+        self._done: queue.Queue[Any] = queue.Queue()
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def add(self, fut: concurrent.futures.Future) -> None:
+        with self._lock:
+            self._count += 1
+        fut.add_done_callback(self._done.put)
+
+    def __iter__(self) -> Any:
+        return self
+
+    def __next__(self) -> Any:
+        with self._lock:
+            if self._count == 0:
+                raise StopIteration
+            self._count -= 1
+        return self._done.get()
+
+    def count(self) -> int:
+        with self._lock:
+            return self._count
+
+    def next_batch(self, block: bool = True) -> list[Any]:
+        out = []
+        with self._lock:
+            if self._count == 0:
+                return out
+        out.append(self._done.get())
+        while True:
+            try:
+                out.append(self._done.get_nowait())
+            except queue.Empty:
+                break
+        with self._lock:
+            self._count -= len(out)
+        return out
 
 
 class StaticMode(Mode):
@@ -229,6 +279,9 @@ class StaticMode(Mode):
                 with self._cond:
                     self._serving.discard(tenant)
                     self._cond.notify_all()
+
+    def completions(self) -> Any:
+        return _CompletionQueue()
 
     def counters(self) -> dict[str, float]:
         return {"bytes_to_device": float(self.bytes_to_device),

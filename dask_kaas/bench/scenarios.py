@@ -58,7 +58,7 @@ def fairness_order(client: KaasClient, workload: Workload, heavy_n: int = 160,
 
 
 def weighted_share(client: KaasClient, workload: Workload, weights: tuple[float, float] =
-                   (2.0, 1.0), outstanding: int = 16, duration: float = 8.0
+                   (2.0, 1.0), outstanding: int = 32, duration: float = 8.0
                    ) -> dict[str, Any]:
     """Two tenants saturating the pool with weights 2:1: completed work splits?"""
     from .driver import LoadSpec, run_load

@@ -118,3 +118,9 @@ def run_host(fn: Callable[..., dict[str, np.ndarray]], copy_inputs: bool,
     if copy_inputs:
         arrays = {k: np.array(v, copy=True) for k, v in arrays.items()}
     return fn(**arrays)
+
+
+def run_host_args(fn: Callable[..., dict[str, np.ndarray]], names: tuple[str, ...],
+                  *arrays: Any) -> dict[str, np.ndarray]:
+    """``run_host`` with positional arrays (for ``client.map``), copying inputs."""
+    return run_host(fn, True, **dict(zip(names, arrays)))

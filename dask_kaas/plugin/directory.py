@@ -73,6 +73,13 @@ class BufferDirectory:
     def resident_bytes(self, worker: str) -> int:
         return sum(self._resident.get(worker, {}).values())
 
+    def expected_bytes(self, worker: str) -> int:
+        """Bytes the worker's cache will hold once planned loads happen."""
+        resident = self._resident.get(worker, {})
+        planned = sum(self._sizes.get(b, 0) for b in self._planned.get(worker, {})
+                      if b not in resident)
+        return sum(resident.values()) + planned
+
     def snapshot(self) -> dict[str, dict[str, int]]:
         """worker -> {buffer id: bytes} of everything reported resident."""
         return {w: dict(held) for w, held in self._resident.items() if held}

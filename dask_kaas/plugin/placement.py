@@ -7,6 +7,8 @@ The default, ``affinity``, picks the worker where the graph is expected to
         time until the graphs producing its inputs are expected done)
   + bytes of the graph's cacheable inputs missing from that device / H2D bandwidth
   + bytes that loading them would evict / H2D bandwidth (they will be missed later)
+  + that loading time again for every request already queued there (the
+    copy occupies the device, so the worker's backlog drains later)
   + inputs whose host copy lives on another worker: fetch latency each, plus
     their bytes / network bandwidth
   + the graph's expected run time
@@ -157,9 +159,11 @@ def completion_terms(request: GraphRequest, w: WorkerView, ctx: PlacementContext
             if holders and w.address not in holders:
                 remote += i.nbytes
                 fetches += 1
+    load = ctx.costs.h2d_s(missing + evicted)
     return {
         "start": max(w.wait_s, ready_in_s),
-        "load": ctx.costs.h2d_s(missing + evicted),
+        "load": load,
+        "backlog_delay": load * w.queued_n,
         "fetch": fetches * ctx.costs.fetch_latency.value
         + remote / max(ctx.network_bytes_per_s, 1.0),
         "run": ctx.costs.slot_time_s(request.graph),
@@ -173,6 +177,9 @@ def expected_completion_s(request: GraphRequest, w: WorkerView, ctx: PlacementCo
 
 class Policy:
     name = "?"
+    #: Expected-completion terms per candidate of the last choice, if the
+    #: policy computes them (for the decision log).
+    last_terms: dict[str, dict[str, float]] = {}
     #: False for a policy that leaves the choice to Dask (no restriction).
     pins = True
 
@@ -187,11 +194,13 @@ class AffinityPolicy(Policy):
     def choose(self, request: GraphRequest, workers: Sequence[WorkerView],
                ctx: PlacementContext) -> WorkerView:
         ready = ctx.ready_in_s(request)
+        self.last_terms = {}
 
         def score(w: WorkerView) -> tuple[float, int, int, str]:
             held = sum(i.nbytes for i in request.inputs
                        if i.buffer_id is not None and ctx.directory.holds(w.address, i.buffer_id))
-            return (expected_completion_s(request, w, ctx, ready), -held, w.queued_n, w.address)
+            terms = self.last_terms[w.address] = completion_terms(request, w, ctx, ready)
+            return (sum(terms.values()), -held, w.queued_n, w.address)
 
         return min(workers, key=score)
 

@@ -28,7 +28,6 @@ from .placement import (
     CostModel,
     PlacementContext,
     WorkerView,
-    completion_terms,
     make_policy,
 )
 from .stats import TenantStats
@@ -77,7 +76,8 @@ class KaasSchedulerPlugin(SchedulerPlugin):
         self.selects: dict[str, str] = {}  # kept-output key -> graph key
         self.queues: dict[str, dict[str, float]] = {}  # worker -> request key -> estimate
         self.worker_stats: dict[str, dict[str, Any]] = {}
-        self.last_completion: dict[str, float] = {}
+        #: worker -> (end of its last graph, on its clock; was another waiting)
+        self.last_completion: dict[str, tuple[float, bool]] = {}
         #: worker -> when the work placed on it is expected to be done
         self.free_at: dict[str, float] = {}
         self.tenants: dict[str, TenantStats] = {}
@@ -123,8 +123,9 @@ class KaasSchedulerPlugin(SchedulerPlugin):
             st = self.worker_stats.get(ws.address, {})
             queue = self.queues.get(ws.address, {})
             wait = max(0.0, self.free_at.get(ws.address, now) - now) if queue else 0.0
-            views.append(WorkerView(ws.address, slots, st.get("capacity_bytes"),
-                                    st.get("used_bytes", 0), wait, len(queue)))
+            used = max(st.get("used_bytes", 0), self.directory.expected_bytes(ws.address))
+            views.append(WorkerView(ws.address, slots, st.get("capacity_bytes"), used, wait,
+                                    len(queue)))
         return views
 
     def _context(self, now: float) -> PlacementContext:
@@ -190,8 +191,7 @@ class KaasSchedulerPlugin(SchedulerPlugin):
                 self.decisions.append({
                     "key": key, "tenant": request.tenant, "graph": request.graph,
                     "worker": chosen.address, "policy": self.policy.name,
-                    "terms": {v.address: completion_terms(request, v, ctx)
-                              for v in candidates}})
+                    "terms": self.policy.last_terms})
                 self._assign(ts, rec, chosen, ctx, now)
         for ts, request in selects:
             self._pin_select(ts, request.key)
@@ -221,9 +221,7 @@ class KaasSchedulerPlugin(SchedulerPlugin):
         # Keep the views current within one burst of submissions.
         view.wait_s = booked - now
         view.queued_n += 1
-        view.used_bytes += sum(i.nbytes for i in rec.request.inputs
-                               if i.buffer_id is not None
-                               and not self.directory.is_resident(worker, i.buffer_id))
+        view.used_bytes = max(view.used_bytes, self.directory.expected_bytes(worker))
 
     def _unbook(self, rec: RequestRecord) -> None:
         if rec.worker is None:
@@ -271,23 +269,24 @@ class KaasSchedulerPlugin(SchedulerPlugin):
         nbytes = sum(max(d.nbytes, 0) for d in ts.dependencies) if ts is not None else 0
         self.costs.observe_transfer(ss["stop"] - ss["start"], nbytes, float(s.bandwidth))
 
-    def _observe_dispatch(self, rec: RequestRecord, now: float) -> None:
-        """Back-to-back completions on one worker show how long a slot is
-        busy per request beyond the graph's own run time."""
-        worker = rec.worker
-        last = self.last_completion.get(worker) if worker else None
-        queue = self.queues.get(worker, {}) if worker else {}
-        backlog = len(queue) - (rec.request.key in queue)
-        busy = (rec.report or {}).get("total_s")
-        if last is not None and backlog > 0 and busy is not None:
-            slots = max(1, int(self.worker_stats.get(worker, {}).get("slots", 1)))
-            self.costs.dispatch.add(max(0.0, (now - last) * slots - busy))
-        if worker:
-            self.last_completion[worker] = now
+    def _observe_dispatch(self, worker: str, report: dict[str, Any]) -> None:
+        """The gap between one graph's end and the next one's start on a
+        worker that had the next one waiting already is Dask's own
+        per-request dispatch time (both ends are the worker's clock)."""
+        start = report.get("started_at")
+        if start is None:
+            return
+        last_end, backlogged = self.last_completion.get(worker, (None, False))
+        slots = int(self.worker_stats.get(worker, {}).get("slots", 1) or 1)
+        if backlogged and last_end is not None and slots == 1 and 0 <= start - last_end < 1.0:
+            self.costs.dispatch.add(start - last_end)
+        # This report precedes its own task-finished message: the request is
+        # still in the queue, so more than one entry means one is waiting.
+        waiting = len(self.queues.get(worker, {})) > 1
+        self.last_completion[worker] = (start + report.get("total_s", 0.0), waiting)
 
     def _finish(self, rec: RequestRecord, ok: bool) -> None:
         now = time.monotonic()
-        self._observe_dispatch(rec, now)
         self._unbook(rec)
         self.fair.done(rec.request.key)
         rec.done = True
@@ -310,13 +309,15 @@ class KaasSchedulerPlugin(SchedulerPlugin):
         return t
 
     # -- workers -----------------------------------------------------------
-    def handle_worker_update(self, worker: str, events: list, stats: dict[str, Any],
+    def handle_worker_update(self, worker: str, events: list,
                              reports: list[dict[str, Any]] | None = None,
+                             stats: dict[str, Any] | None = None,
                              resident: dict[str, int] | None = None, **kwargs: Any) -> None:
         s = self.scheduler
         if s is None or worker not in s.workers:
             return
-        self.worker_stats[worker] = stats
+        if stats is not None:
+            self.worker_stats[worker] = stats
         if resident is not None:
             self.directory.reset_worker(worker, resident)
         for op, bid, nbytes in events:
@@ -326,6 +327,7 @@ class KaasSchedulerPlugin(SchedulerPlugin):
                 self.directory.removed(worker, bid)
         for report in reports or ():
             self.costs.observe(report)
+            self._observe_dispatch(worker, report)
             rec = self.requests.get(report.get("key"))
             if rec is not None:
                 rec.report = report
@@ -412,7 +414,21 @@ class KaasSchedulerPlugin(SchedulerPlugin):
             "weights": {name: sh.weight for name, sh in self.fair.tenants.items()},
         }
 
-    def handle_stats(self) -> dict[str, Any]:
+    async def refresh_worker_stats(self) -> None:
+        """Exact figures, straight from every worker's cache."""
+        s = self.scheduler
+        assert s is not None
+        workers = [a for a in self.worker_stats if a in s.workers]
+        if not workers:
+            return
+        replies = await s.broadcast(msg={"op": "kaas_worker_stats"}, workers=workers,
+                                    on_error="return")
+        for addr, reply in replies.items():
+            if isinstance(reply, dict) and reply.get("stats"):
+                self.worker_stats[addr] = reply["stats"]
+
+    async def handle_stats(self) -> dict[str, Any]:
+        await self.refresh_worker_stats()
         return self.stats()
 
     def handle_info(self) -> dict[str, Any]:
@@ -437,7 +453,8 @@ class KaasSchedulerPlugin(SchedulerPlugin):
         assert s is not None
         return await s.broadcast(msg={"op": "kaas_worker_clear"})
 
-    def handle_state(self) -> dict[str, Any]:
+    async def handle_state(self) -> dict[str, Any]:
+        await self.refresh_worker_stats()
         state = self.stats()
         state["resident"] = self.directory.snapshot()
         state["timeline"] = list(self.timeline)

@@ -44,6 +44,7 @@ class KaasWorkerPlugin(WorkerPlugin):
         self.worker: Worker | None = None
         self._pending_reports: list[dict] = []
         self._hello_sent = False
+        self._last_stats: dict[str, Any] | None = None
         self._callback: PeriodicCallback | None = None
 
     def setup(self, worker: Worker) -> None:
@@ -69,7 +70,7 @@ class KaasWorkerPlugin(WorkerPlugin):
         worker.handlers["kaas_worker_stats"] = self.handle_stats
         worker.handlers["kaas_worker_clear"] = self.handle_clear
         interval = parse_timedelta(config.get("report-interval", "200ms")) * 1000
-        self._callback = PeriodicCallback(self.flush, interval)
+        self._callback = PeriodicCallback(self._periodic_flush, interval)
         self._callback.start()
         logger.info("dask_kaas: %s backend, %d bytes of device memory, %d slot(s)",
                     backend.name, capacity, slots)
@@ -105,9 +106,17 @@ class KaasWorkerPlugin(WorkerPlugin):
             return
         worker.loop.add_callback(self.flush, report)
 
-    def flush(self, report: dict[str, Any] | None = None) -> None:
+    def _periodic_flush(self) -> None:
+        self.flush(with_stats=True)
+
+    def flush(self, report: dict[str, Any] | None = None, with_stats: bool = False) -> None:
         """Send cache changes (and a finished graph's report) to the scheduler;
-        keep them if the worker is not connected right now."""
+        keep them if the worker is not connected right now.
+
+        Statistics ride along only periodically (and when they changed): the
+        per-request message stays small, and ``kaas_stats()`` asks the workers
+        directly when it needs exact figures.
+        """
         rt, worker = self.runtime, self.worker
         if rt is None or worker is None:
             return
@@ -119,10 +128,17 @@ class KaasWorkerPlugin(WorkerPlugin):
             self._hello_sent = False
             return
         events = rt.cache.drain_events()
-        if not events and not self._pending_reports and self._hello_sent:
+        stats = None
+        if with_stats or not self._hello_sent:
+            stats = rt.stats()
+            if stats == self._last_stats and self._hello_sent:
+                stats = None
+        if not events and not self._pending_reports and stats is None:
             return
-        msg: dict[str, Any] = {"op": UPDATE_OP, "events": events, "stats": rt.stats(),
+        msg: dict[str, Any] = {"op": UPDATE_OP, "events": events,
                                "reports": self._pending_reports}
+        if stats is not None:
+            msg["stats"] = self._last_stats = stats
         if not self._hello_sent:
             msg["resident"] = rt.cache.resident()
             self._hello_sent = True
