@@ -25,6 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=2, help="devices (workers) in the pool")
     p.add_argument("--modes", default=None, help=f"comma-separated, from {','.join(ALL_MODES)}")
     p.add_argument("--weights-mib", type=float, default=16.0, help="constant data per tenant")
+    p.add_argument("--batch", type=int, default=16,
+                   help="rows per request: enough device work per request that the "
+                        "workers, not the load generator, are the bottleneck")
     p.add_argument("--device-memory-limit", default=None,
                    help="per worker (default: 1.25 x all tenants' weights / workers + 8 MiB, "
                         "so they fit the pool but not one device)")
@@ -72,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"unknown modes: {sorted(unknown)}", file=sys.stderr)
         return 2
     duration = args.duration or (6.0 if args.quick else 15.0)
-    workload = make_workload(args.workload, args.weights_mib)
+    workload = make_workload(args.workload, args.weights_mib, batch=args.batch)
     all_tenants = [workload.make_tenant(i) for i in range(max(counts))]
     per_tenant = all_tenants[0].nbytes
     if args.device_memory_limit:
@@ -89,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         "config": {"workload": args.workload, "workers": args.workers, "tenant_counts": counts,
                    "weights_bytes_per_tenant": per_tenant, "device_memory_limit": limit,
                    "load": args.load, "outstanding": args.outstanding, "rate": args.rate,
+                   "batch": args.batch,
                    "duration_s": duration, "slots": args.slots},
         "runs": [],
     }
@@ -121,9 +125,7 @@ def run(args: argparse.Namespace) -> int:
                 print(table([res]).splitlines()[-1], flush=True)
         if not args.no_fairness:
             print("fairness...", flush=True)
-            # Heavier requests (batch 64), so that the workers, not this
-            # process's client, are what the tenants compete for.
-            heavy = make_workload(args.workload, args.weights_mib, batch=64)
+            heavy = workload
             doc["fairness"] = {
                 "kaas": fairness_order(client, heavy, mode="kaas"),
                 "fifo": [fairness_order(client, heavy, mode="fifo") for _ in range(3)],

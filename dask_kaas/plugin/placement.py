@@ -150,8 +150,10 @@ def completion_terms(request: GraphRequest, w: WorkerView, ctx: PlacementContext
     if ready_in_s is None:
         ready_in_s = ctx.ready_in_s(request)
     missing = missing_device_bytes(request, w.address, ctx.directory)
+    # The graph's own buffers (temps, outputs, inline inputs) need room too.
+    private = request.nbytes - sum(i.nbytes for i in request.inputs if i.buffer_id is not None)
     free = w.free_bytes
-    evicted = 0 if free is None else max(0, missing + request.nbytes - free)
+    evicted = 0 if free is None else max(0, missing + private - free)
     remote = fetches = 0
     for i in request.inputs:
         if i.dask_key is not None:
