@@ -22,6 +22,11 @@ def main(argv: list[str] | None = None) -> int:
         p_bench = sub.add_parser("bench", help="benchmark kaas against static and naive")
         bench_cli.add_arguments(p_bench)
         p_bench.set_defaults(func=bench_cli.run)
+    from .bench import gpu as bench_gpu
+
+    p_gpu = sub.add_parser("bench-gpu", help="GPU micro-benchmark (needs a GPU)")
+    bench_gpu.add_arguments(p_gpu)
+    p_gpu.set_defaults(func=bench_gpu.run)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -125,7 +125,9 @@ def run(args: argparse.Namespace) -> int:
                 print(table([res]).splitlines()[-1], flush=True)
         if not args.no_fairness:
             print("fairness...", flush=True)
-            heavy = workload
+            # Heavier requests (batch 64), so that the workers rather than this
+            # process's load generator are what the tenants compete for.
+            heavy = make_workload(args.workload, args.weights_mib, batch=max(64, args.batch))
             doc["fairness"] = {
                 "kaas": fairness_order(client, heavy, mode="kaas"),
                 "fifo": [fairness_order(client, heavy, mode="fifo") for _ in range(3)],

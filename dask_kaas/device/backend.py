@@ -40,6 +40,10 @@ class Backend(abc.ABC):
         (the CUDA backend cannot give more than its RMM pool)."""
         return requested
 
+    def is_out_of_memory(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is the device running out of memory."""
+        return isinstance(exc, MemoryError)
+
     def alloc_size(self, nbytes: int) -> int:
         """Bytes an allocation of ``nbytes`` really takes (granularity)."""
         return nbytes

@@ -22,7 +22,12 @@ from typing import Any
 import numpy as np
 
 from ..graph.buffers import Buffer, BufferKind
-from ..graph.errors import InputMismatchError, KaasError, KernelExecutionError
+from ..graph.errors import (
+    DeviceOutOfMemoryError,
+    InputMismatchError,
+    KaasError,
+    KernelExecutionError,
+)
 from ..graph.graph import KernelGraph
 from ..graph.launch import ArgRef
 from ..request import GraphRequest
@@ -91,7 +96,21 @@ class WorkerRuntime:
                                   "tenant": request.tenant, "error": None,
                                   "started_at": time.time()}
         try:
-            outputs = self._run(graph, request, values, report)
+            try:
+                outputs = self._run(graph, request, values, report)
+            except Exception as e:  # noqa: BLE001 - only a real out-of-memory is retried
+                if isinstance(e, KaasError) or not self.backend.is_out_of_memory(e):
+                    raise
+                # Fragmentation beat the accounting: make room and try once more.
+                self.cache.clear()
+                try:
+                    outputs = self._run(graph, request, values, report)
+                except Exception as e2:  # noqa: BLE001
+                    if isinstance(e2, KaasError) or not self.backend.is_out_of_memory(e2):
+                        raise
+                    raise DeviceOutOfMemoryError(
+                        f"device out of memory even after emptying the cache: {e2}",
+                        graph=graph.name) from None
         except KaasError as e:
             self._count(error=True)
             report["error"] = type(e).__name__

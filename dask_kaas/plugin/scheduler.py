@@ -101,10 +101,17 @@ class KaasSchedulerPlugin(SchedulerPlugin):
         scheduler.stream_handlers[UPDATE_OP] = self.handle_worker_update
         scheduler.extensions["kaas"] = self
         amm.install(scheduler, self.directory)
+        from ..dashboard import metrics, routes
+
+        routes.install(scheduler)
+        metrics.register(self)
         await scheduler.register_worker_plugin(
             None, dumps(self.worker_plugin), name=PLUGIN_NAME, idempotent=True)
 
     async def close(self) -> None:
+        from ..dashboard import metrics
+
+        metrics.unregister(self)
         if self.scheduler is not None:
             for h in self._handlers():
                 self.scheduler.handlers.pop(h, None)
@@ -296,7 +303,7 @@ class KaasSchedulerPlugin(SchedulerPlugin):
             return
         latency = now - rec.submitted
         t.graphs_run += 1
-        t.latencies.append(latency)
+        t.record_latency(latency)
         t.completions.append(time.time())
         busy = (rec.report or {}).get("total_s")
         if busy is not None:
