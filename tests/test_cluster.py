@@ -29,6 +29,16 @@ def f32(*shape):
     return rng.standard_normal(shape).astype(np.float32)
 
 
+def gemm_graph(name: str, rows: int, n: int, x: str = "x", w: str = "w", y: str = "y"
+               ) -> tuple[KernelGraph, dict]:
+    """y = x @ w, with x (rows, n) an input and w (n, n) a const."""
+    g = KernelGraph(name)
+    bufs = {x: g.input(x, (rows, n), np.float32), w: g.const(w, (n, n), np.float32),
+            y: g.output(y, (rows, n), np.float32)}
+    g.launch(Kernel.library("gemm"), [bufs[x], bufs[w], Out(bufs[y])])
+    return g, bufs
+
+
 def where_ran(client, fut) -> str:
     (addr,) = client.who_has(fut)[fut.key]
     return addr
@@ -144,11 +154,7 @@ def test_keep_on_device_chain_is_placed_on_the_holder(client):
 def test_kept_output_reference_goes_to_its_worker(client):
     n = 32
     a, w = f32(n, n), f32(n, n)
-    g1 = KernelGraph("produce")
-    A = g1.input("a", (n, n), np.float32)
-    W = g1.const("w", (n, n), np.float32)
-    H = g1.output("h", (n, n), np.float32)
-    g1.launch(Kernel.library("gemm"), [A, W, Out(H)])
+    g1, _ = gemm_graph("produce", n, n, x="a", y="h")
     g2 = KernelGraph("consume")
     H2 = g2.input("h", (n, n), np.float32)
     Y = g2.output("y", (n, n), np.float32)
@@ -182,11 +188,7 @@ def test_mixing_with_ordinary_dask_futures(client):
     n = 24
     w_fut = client.submit(host_weights, n, 7)  # weights made by a host task
     x_fut = client.scatter(f32(n, n))
-    g = KernelGraph("mixed")
-    X = g.input("x", (n, n), np.float32)
-    W = g.const("w", (n, n), np.float32)
-    Y = g.output("y", (n, n), np.float32)
-    g.launch(Kernel.library("gemm"), [X, W, Out(Y)])
+    g, _ = gemm_graph("mixed", n, n)
     fut = client.submit_kernel_graph(g, {"x": x_fut, "w": w_fut}, keep_on_device=["y"])
     expect = x_fut.result() @ host_weights(n, 7)
     assert client.submit(total, fut).result() == pytest.approx(float(expect.sum()), rel=1e-4)
@@ -198,11 +200,7 @@ def test_mixing_with_ordinary_dask_futures(client):
 def test_affinity_const_copied_once_and_graphs_stay(client):
     n = 256  # 256 KiB of weights
     w = f32(n, n)
-    g = KernelGraph("affinity")
-    X = g.input("x", (4, n), np.float32)
-    W = g.const("w", (n, n), np.float32)
-    Y = g.output("y", (4, n), np.float32)
-    g.launch(Kernel.library("gemm"), [X, W, Out(Y)])
+    g, _ = gemm_graph("affinity", 4, n)
     before = totals(client)
     ran = []
     for _ in range(20):
@@ -234,12 +232,8 @@ def test_placement_holds_under_work_stealing(client):
     assert dask.config.get("distributed.scheduler.work-stealing")
     n = 128
     w = f32(n, n)
-    g = KernelGraph("pinned")
-    X = g.input("x", (n, n), np.float32)
-    W = g.const("w", (n, n), np.float32)
-    Y = g.output("y", (n, n), np.float32)
-    g.launch(Kernel.library("gemm"), [X, W, Out(Y)])
-    g.launch(Kernel.array(slow_copy), [W, Out(Y)])
+    g, b = gemm_graph("pinned", n, n)
+    g.launch(Kernel.array(slow_copy), [b["w"], Out(b["y"])])
     futs = [client.submit_kernel_graph(g, {"x": f32(n, n), "w": w}) for _ in range(30)]
     wait(futs)
     pinned = client.run_on_scheduler(restrictions_of, [f.key for f in futs])
@@ -271,17 +265,9 @@ def raising_kernel(xp, x, y):
 def test_kernel_failure_fails_only_its_request(client):
     n = 16
     w = f32(n, n)
-    good = KernelGraph("good")
-    X = good.input("x", (n, n), np.float32)
-    W = good.const("w", (n, n), np.float32)
-    Y = good.output("y", (n, n), np.float32)
-    good.launch(Kernel.library("gemm"), [X, W, Out(Y)])
-    bad = KernelGraph("bad")
-    X2 = bad.input("x", (n, n), np.float32)
-    W2 = bad.const("w", (n, n), np.float32)
-    Y2 = bad.output("y", (n, n), np.float32)
-    bad.launch(Kernel.library("gemm"), [X2, W2, Out(Y2)])
-    bad.launch(Kernel.array(raising_kernel, name="explode"), [X2, Out(Y2)])
+    good, _ = gemm_graph("good", n, n)
+    bad, b = gemm_graph("bad", n, n)
+    bad.launch(Kernel.array(raising_kernel, name="explode"), [b["x"], Out(b["y"])])
     x = f32(n, n)
     f_bad = client.submit_kernel_graph(bad, {"x": x, "w": w}, tenant="t-bad")
     with pytest.raises(KernelExecutionError) as e:
