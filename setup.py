@@ -10,10 +10,10 @@ setup(
     long_description=long_description,
     long_description_content_type="text/markdown",
     packages=find_packages(include=["dask_kaas", "dask_kaas.*"]),
-    package_data={"dask_kaas": ["kaas.yaml", "kernels/*.cu"]},
+    package_data={"dask_kaas": ["kaas.yaml"]},
     python_requires=">=3.10",
     install_requires=[
-        "dask[distributed]>=2026.1.0,<2027",
+        "dask[distributed]>=2026.1.1,<2027",
         "numpy>=1.26",
         "bokeh>=3.1,<3.10",
         "prometheus_client>=0.17",

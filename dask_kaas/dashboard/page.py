@@ -34,8 +34,6 @@ def kaas_doc(scheduler: Scheduler, extra: dict, doc: Any) -> None:
 
     memory = ColumnDataSource({"worker": [], "const_mib": [], "other_mib": [], "free_mib": [],
                                "capacity_mib": []})
-    rates = ColumnDataSource({"time": [], "worker": [], "hits": [], "misses": [],
-                              "evictions": []})
     tenants = ColumnDataSource({"tenant": [], "graphs_run": [], "errors": [], "rps": [],
                                 "p50_ms": [], "p99_ms": [], "queue_wait_ms": [],
                                 "mib_to_device": []})
@@ -115,15 +113,6 @@ def kaas_doc(scheduler: Scheduler, extra: dict, doc: Any) -> None:
             last[w] = counts
         mem_fig.y_range.factors = names
         memory.data = mem
-        flat = {"time": [], "worker": [], "hits": [], "misses": [], "evictions": []}
-        for w in workers:
-            for t, h, m, e in history[w]:
-                flat["time"].append(t)
-                flat["worker"].append(_short(w))
-                flat["hits"].append(h)
-                flat["misses"].append(m)
-                flat["evictions"].append(e)
-        rates.data = flat
         for i, w in enumerate(workers):
             if w in rate_lines:
                 continue

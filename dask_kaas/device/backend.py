@@ -61,10 +61,6 @@ class Backend(abc.ABC):
         """Copy device memory into a new host array (synchronously)."""
 
     @abc.abstractmethod
-    def device_copy(self, dev: Any, stream: Any) -> Any:
-        """Copy device memory into new device memory."""
-
-    @abc.abstractmethod
     def compile(self, kernel: Kernel) -> CompiledKernel:
         """Turn a kernel description into something callable (once per kernel,
         the kernel cache sees to that)."""

@@ -45,9 +45,6 @@ class CpuBackend(Backend):
     def to_host(self, dev: np.ndarray, stream: Any) -> np.ndarray:
         return np.array(dev, copy=True)
 
-    def device_copy(self, dev: np.ndarray, stream: Any) -> np.ndarray:
-        return np.array(dev, copy=True)
-
     def compile(self, kernel: Kernel) -> CompiledKernel:
         return cpu_callable(kernel)
 

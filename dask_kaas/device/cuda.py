@@ -157,10 +157,6 @@ class CudaBackend(Backend):
         stream.synchronize()
         return out
 
-    def device_copy(self, dev: Any, stream: Any) -> Any:
-        with stream:
-            return dev.copy()
-
     # -- kernels -----------------------------------------------------------------
     def compile(self, kernel: Kernel) -> CompiledKernel:
         cupy = self.cupy

@@ -60,18 +60,12 @@ class BufferDirectory:
         return (buffer_id in self._resident.get(worker, ())
                 or buffer_id in self._planned.get(worker, ()))
 
-    def is_resident(self, worker: str, buffer_id: str) -> bool:
-        return buffer_id in self._resident.get(worker, ())
-
     def holders(self, buffer_id: str) -> set[str]:
         return ({w for w, held in self._resident.items() if buffer_id in held}
                 | {w for w, held in self._planned.items() if buffer_id in held})
 
     def resident_on(self, worker: str) -> dict[str, int]:
         return dict(self._resident.get(worker, {}))
-
-    def resident_bytes(self, worker: str) -> int:
-        return sum(self._resident.get(worker, {}).values())
 
     def expected_bytes(self, worker: str) -> int:
         """Bytes the worker's cache will hold once planned loads happen."""

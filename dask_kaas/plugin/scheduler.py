@@ -82,7 +82,6 @@ class KaasSchedulerPlugin(SchedulerPlugin):
         self.free_at: dict[str, float] = {}
         self.tenants: dict[str, TenantStats] = {}
         self.timeline: deque[dict[str, Any]] = deque(maxlen=TIMELINE)
-        self.history: deque[dict[str, Any]] = deque(maxlen=600)
         #: Recent placement decisions with every candidate's expected
         #: completion time, for "why did it go there?".
         self.decisions: deque[dict[str, Any]] = deque(maxlen=1000)

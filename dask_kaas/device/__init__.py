@@ -1,0 +1,1 @@
+"""Device backends (CPU, CUDA), the DeviceCache, kernel cache and graph runtime."""

@@ -1,0 +1,1 @@
+"""The Dask integration: scheduler and worker plugins, placement, fair share."""
