@@ -40,8 +40,3 @@ def client(cluster):
 
     with KaasClient(cluster) as c:
         yield c
-
-
-@pytest.fixture(scope="session")
-def worker_addresses(client):
-    return sorted(client.scheduler_info()["workers"])
