@@ -67,6 +67,13 @@ class BufferDirectory:
     def resident_on(self, worker: str) -> dict[str, int]:
         return dict(self._resident.get(worker, {}))
 
+    def busy_bytes(self, worker: str) -> int:
+        """Bytes resident on the worker that requests queued there will use:
+        evicting any of them means a certain reload."""
+        resident = self._resident.get(worker, {})
+        planned = self._planned.get(worker, {})
+        return sum(n for b, n in resident.items() if b in planned)
+
     def expected_bytes(self, worker: str) -> int:
         """Bytes the worker's cache will hold once planned loads happen."""
         resident = self._resident.get(worker, {})

@@ -6,7 +6,9 @@ The default, ``affinity``, picks the worker where the graph is expected to
     max(queue wait (until the work placed there is expected done),
         time until the graphs producing its inputs are expected done)
   + bytes of the graph's cacheable inputs missing from that device / H2D bandwidth
-  + bytes that loading them would evict / H2D bandwidth (they will be missed later)
+  + bytes that loading them would evict / H2D bandwidth (they will be missed
+    later), counted twice where requests queued on that worker need them (their
+    reload is certain, and it evicts in turn)
   + that loading time again for every request already queued there (the
     copy occupies the device, so the worker's backlog drains later)
   + inputs whose host copy lives on another worker: fetch latency each, plus
