@@ -193,3 +193,26 @@ def test_kept_output_handle_lifecycle():
     del out, h
     gc.collect()
     assert "k-y" not in rt.cache  # dropped with its last reference
+
+
+def test_buffers_queued_graphs_need_are_evicted_last():
+    soon = {"a"}
+    cache = DeviceCache(make_backend("cpu"), 3 * 800, needed_soon=lambda: soon)
+    for bid in "abc":
+        cache.release(cache.reserve([load(bid, 800)], 0))
+    cache.release(cache.reserve([load("d", 800)], 0))  # "a" is LRU but needed soon
+    assert set(cache.resident()) == {"a", "c", "d"}
+    soon.clear()
+    cache.release(cache.reserve([load("e", 800)], 0))  # now plain LRU: "a" goes
+    assert set(cache.resident()) == {"c", "d", "e"}
+
+
+def test_worker_plugin_pickles_its_settings_only():
+    import pickle
+
+    from dask_kaas import KaasWorkerPlugin
+
+    p = KaasWorkerPlugin("cpu", "64MB")
+    p.needed_soon()  # has runtime state (a lock) that must not travel
+    q = pickle.loads(pickle.dumps(p))
+    assert (q.backend, q.device_memory_limit, q.runtime) == ("cpu", "64MB", None)

@@ -78,12 +78,16 @@ class Reservation:
 
 class DeviceCache:
     def __init__(self, backend: Backend, capacity_bytes: int,
-                 wait_timeout: float = 300.0) -> None:
+                 wait_timeout: float = 300.0,
+                 needed_soon: Callable[[], set[str]] | None = None) -> None:
         if capacity_bytes <= 0:
             raise ValueError(f"device capacity must be positive, got {capacity_bytes}")
         self.backend = backend
         self.capacity_bytes = int(capacity_bytes)
         self.wait_timeout = wait_timeout
+        #: Buffer ids that graphs already queued on this worker will use:
+        #: evicted only when nothing else can go (look-ahead before LRU).
+        self.needed_soon = needed_soon
         self.stats = CacheStats()
         self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
         self._entry_bytes = 0
@@ -145,14 +149,17 @@ class DeviceCache:
         return sum(e.nbytes for e in self._entries.values() if e.pins == 0 and not e.loading)
 
     def _evict_until(self, need: int) -> None:
-        """Drop unpinned entries, least recently used first, until ``need``
-        bytes are free.  Caller holds the lock and checked it is possible."""
-        for key in list(self._entries):
-            if self.capacity_bytes - self.used_bytes >= need:
-                return
-            e = self._entries[key]
-            if e.pins == 0 and not e.loading:
-                self._remove(e, evicted=True)
+        """Drop unpinned entries until ``need`` bytes are free: first those no
+        queued graph will use, least recently used first, then the rest.
+        Caller holds the lock and checked it is possible."""
+        soon = self.needed_soon() if self.needed_soon is not None else set()
+        for spare_soon in (True, False):
+            for key in list(self._entries):
+                if self.capacity_bytes - self.used_bytes >= need:
+                    return
+                e = self._entries[key]
+                if e.pins == 0 and not e.loading and not (spare_soon and key in soon):
+                    self._remove(e, evicted=True)
 
     def _remove(self, e: CacheEntry, evicted: bool) -> None:
         owner = e.owner() if e.owner is not None else None

@@ -55,9 +55,10 @@ def host_source(graph: KernelGraph, buf: Buffer, value: Any) -> Callable[[], np.
 
 
 class WorkerRuntime:
-    def __init__(self, backend: Backend, capacity_bytes: int, slots: int = 1) -> None:
+    def __init__(self, backend: Backend, capacity_bytes: int, slots: int = 1,
+                 needed_soon: Callable[[], set[str]] | None = None) -> None:
         self.backend = backend
-        self.cache = DeviceCache(backend, capacity_bytes)
+        self.cache = DeviceCache(backend, capacity_bytes, needed_soon=needed_soon)
         self.kernels = KernelCache(backend)
         self.slots = max(1, int(slots))
         self._free_streams: queue.Queue[Any] = queue.Queue()

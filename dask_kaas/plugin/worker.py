@@ -10,6 +10,7 @@ directory is up to date by the time a client sees a result.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import TYPE_CHECKING, Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -19,6 +20,7 @@ from .. import config
 from ..device.backend import make_backend
 from ..device.runtime import WorkerRuntime
 from ..graph.errors import NoKaasWorkersError
+from ..request import GraphRequest
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -45,7 +47,17 @@ class KaasWorkerPlugin(WorkerPlugin):
         self._pending_reports: list[dict] = []
         self._hello_sent = False
         self._last_stats: dict[str, Any] | None = None
+        self._queued: dict[Any, tuple[str, ...]] = {}
+        self._queued_lock = threading.Lock()
         self._callback: PeriodicCallback | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Sent from the scheduler to every worker: settings only.
+        return {"backend": self.backend, "device_memory_limit": self.device_memory_limit,
+                "rmm_pool_size": self.rmm_pool_size}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)  # type: ignore[misc]
 
     def setup(self, worker: Worker) -> None:
         from dask.utils import parse_timedelta
@@ -66,7 +78,7 @@ class KaasWorkerPlugin(WorkerPlugin):
         else:
             capacity = config.parse_memory(limit, backend.physical_capacity())
         capacity = min(capacity, backend.pool_capacity(capacity))
-        self.runtime = WorkerRuntime(backend, capacity, slots)
+        self.runtime = WorkerRuntime(backend, capacity, slots, needed_soon=self.needed_soon)
         worker.handlers["kaas_worker_stats"] = self.handle_stats
         worker.handlers["kaas_worker_clear"] = self.handle_clear
         interval = parse_timedelta(config.get("report-interval", "200ms")) * 1000
@@ -83,6 +95,25 @@ class KaasWorkerPlugin(WorkerPlugin):
         if self.runtime is not None:
             self.runtime.close()
             self.runtime = None
+
+    # -- look-ahead for eviction ------------------------------------------
+    def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
+        """Track the cacheable inputs of graphs waiting on this worker."""
+        if finish in ("ready", "constrained", "waiting"):
+            worker = self.worker
+            ts = worker.state.tasks.get(key) if worker is not None else None
+            request = _request_of(ts.run_spec) if ts is not None else None
+            if request is not None:
+                ids = tuple(i.buffer_id for i in request.inputs if i.buffer_id)
+                with self._queued_lock:
+                    self._queued[key] = ids
+        elif key in self._queued:
+            with self._queued_lock:
+                self._queued.pop(key, None)
+
+    def needed_soon(self) -> set[str]:
+        with self._queued_lock:
+            return {b for ids in self._queued.values() for b in ids}
 
     def handle_stats(self) -> dict[str, Any]:
         rt = self.runtime
@@ -144,6 +175,14 @@ class KaasWorkerPlugin(WorkerPlugin):
             self._hello_sent = True
         self._pending_reports = []
         worker.batched_send(msg)
+
+
+def _request_of(run_spec: Any) -> GraphRequest | None:
+    """The GraphRequest among a graph task's arguments, if it is one."""
+    for arg in getattr(run_spec, "args", ()) or ():
+        if isinstance(arg, GraphRequest):
+            return arg
+    return None
 
 
 def worker_runtime() -> tuple[WorkerRuntime, KaasWorkerPlugin]:
