@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import abc
 import concurrent.futures
 import queue
 import threading
@@ -35,15 +36,15 @@ def scatter_named(client: Client, arrays: dict[str, Any], **kwargs: Any) -> dict
     return dict(zip(names, futs))
 
 
-class Mode:
+class Mode(abc.ABC):
     name = "?"
 
     def prepare(self, tenants: list[Tenant]) -> None:
         self.tenants = tenants
 
+    @abc.abstractmethod
     def submit(self, tenant: int, request: dict[str, Any]) -> Any:
         """Start one request; returns a future (Dask's, or concurrent's)."""
-        raise NotImplementedError
 
     def submit_many(self, tenant: int, requests: list[dict[str, Any]]) -> list[Any]:
         """Start several requests of one tenant at once."""

@@ -24,6 +24,7 @@ the weights get a second copy.
 
 from __future__ import annotations
 
+import abc
 import itertools
 import zlib
 from collections.abc import Callable, Sequence
@@ -179,7 +180,7 @@ def expected_completion_s(request: GraphRequest, w: WorkerView, ctx: PlacementCo
     return sum(completion_terms(request, w, ctx, ready_in_s).values())
 
 
-class Policy:
+class Policy(abc.ABC):
     name = "?"
     #: Expected-completion terms per candidate of the last choice, if the
     #: policy computes them (for the decision log).
@@ -187,9 +188,10 @@ class Policy:
     #: False for a policy that leaves the choice to Dask (no restriction).
     pins = True
 
+    @abc.abstractmethod
     def choose(self, request: GraphRequest, workers: Sequence[WorkerView],
                ctx: PlacementContext) -> WorkerView:
-        raise NotImplementedError  # pragma: no cover - abstract
+        """The worker to run ``request`` on."""
 
 
 class AffinityPolicy(Policy):
