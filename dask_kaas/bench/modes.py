@@ -65,8 +65,8 @@ class Mode(abc.ABC):
         """Cumulative hits, misses, bytes_to_device, cold_starts."""
         return {}
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 - nothing to release by default
+        """Release what ``prepare`` set up."""
 
 
 class KaasMode(Mode):
