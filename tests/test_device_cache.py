@@ -216,3 +216,36 @@ def test_worker_plugin_pickles_its_settings_only():
     p.needed_soon()  # has runtime state (a lock) that must not travel
     q = pickle.loads(pickle.dumps(p))
     assert (q.backend, q.device_memory_limit, q.runtime) == ("cpu", "64MB", None)
+
+
+class FlakyBackend:
+    """A CPU backend whose allocations fail ``failures`` times with MemoryError."""
+
+    def __new__(cls, failures):
+        from dask_kaas.device.cpu import CpuBackend
+
+        class _Flaky(CpuBackend):
+            left = failures
+
+            def empty(self, shape, dtype, stream):
+                if type(self).left > 0:
+                    type(self).left -= 1
+                    raise MemoryError("out of device memory")
+                return super().empty(shape, dtype, stream)
+
+        return _Flaky()
+
+
+def test_real_out_of_memory_empties_the_cache_and_retries_once():
+    X, W = np.ones((8, 8), np.float32), np.eye(8, dtype=np.float32)
+    rt = WorkerRuntime(FlakyBackend(0), 10_000)
+    rt.run(mm_graph(), req("warm", wid="other"), [X, W])
+    assert "other" in rt.cache
+    rt.backend = rt.cache.backend = FlakyBackend(1)
+    out, _ = rt.run(mm_graph(), req("k1"), [X, W])
+    np.testing.assert_array_equal(out["y"], X @ W)
+    assert "other" not in rt.cache  # emptied to make room
+    rt.backend = rt.cache.backend = FlakyBackend(2)
+    with pytest.raises(DeviceOutOfMemoryError, match="even after emptying"):
+        rt.run(mm_graph(), req("k2"), [X, W])
+    assert rt.cache._private_bytes == 0

@@ -97,21 +97,7 @@ class WorkerRuntime:
                                   "tenant": request.tenant, "error": None,
                                   "started_at": time.time()}
         try:
-            try:
-                outputs = self._run(graph, request, values, report)
-            except Exception as e:  # noqa: BLE001 - only a real out-of-memory is retried
-                if isinstance(e, KaasError) or not self.backend.is_out_of_memory(e):
-                    raise
-                # Fragmentation beat the accounting: make room and try once more.
-                self.cache.clear()
-                try:
-                    outputs = self._run(graph, request, values, report)
-                except Exception as e2:  # noqa: BLE001
-                    if isinstance(e2, KaasError) or not self.backend.is_out_of_memory(e2):
-                        raise
-                    raise DeviceOutOfMemoryError(
-                        f"device out of memory even after emptying the cache: {e2}",
-                        graph=graph.name) from None
+            outputs = self._run_retrying_oom(graph, request, values, report)
         except KaasError as e:
             self._count(error=True)
             report["error"] = type(e).__name__
@@ -121,6 +107,25 @@ class WorkerRuntime:
         self._count(error=False)
         report["total_s"] = time.perf_counter() - t0
         return outputs, report
+
+    def _run_retrying_oom(self, graph: KernelGraph, request: GraphRequest,
+                          values: Sequence[Any], report: dict[str, Any]) -> dict[str, Any]:
+        """A real out-of-memory despite the accounting (fragmentation): empty
+        the cache and try once more, then give up with a KaasError."""
+        for attempt in (1, 2):
+            try:
+                return self._run(graph, request, values, report)
+            except KaasError:
+                raise
+            except Exception as e:  # noqa: BLE001 - only a real out-of-memory is retried
+                if not self.backend.is_out_of_memory(e):
+                    raise
+                if attempt == 2:
+                    raise DeviceOutOfMemoryError(
+                        f"device out of memory even after emptying the cache: {e}",
+                        graph=graph.name) from None
+                self.cache.clear()
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _count(self, error: bool) -> None:
         with self._lock:

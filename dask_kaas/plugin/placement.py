@@ -175,11 +175,6 @@ def completion_terms(request: GraphRequest, w: WorkerView, ctx: PlacementContext
     }
 
 
-def expected_completion_s(request: GraphRequest, w: WorkerView, ctx: PlacementContext,
-                          ready_in_s: float | None = None) -> float:
-    return sum(completion_terms(request, w, ctx, ready_in_s).values())
-
-
 class Policy(abc.ABC):
     name = "?"
     #: Expected-completion terms per candidate of the last choice, if the
