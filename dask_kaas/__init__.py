@@ -25,7 +25,8 @@ __version__ = "0.1.0"
 
 __all__ = [  # noqa: F405 - the graph model's names come from the star import
     "ArgRef", "BackendUnavailableError", "Buffer", "BufferKind", "BufferRoleError",
-    "DeviceArray", "DeviceArrayFuture", "DeviceOutOfMemoryError", "DuplicateBufferError",
+    "DeviceArray", "DeviceArrayFuture", "DeviceFaultError", "DeviceOutOfMemoryError",
+    "DuplicateBufferError",
     "GraphError", "GraphTooLargeError", "In", "InOut", "InputError", "InputMismatchError",
     "KaasClient", "KaasError", "KaasSchedulerPlugin", "KaasWorkerPlugin", "Kernel",
     "KernelDefinitionError", "KernelExecutionError", "KernelGraph", "KernelGraphFuture",

@@ -44,6 +44,11 @@ class Backend(abc.ABC):
         """Whether ``exc`` is the device running out of memory."""
         return isinstance(exc, MemoryError)
 
+    def is_fatal(self, exc: BaseException) -> bool:
+        """Whether ``exc`` left the device unusable for every later request
+        (a sticky CUDA fault); the runtime then marks the worker broken."""
+        return False
+
     def alloc_size(self, nbytes: int) -> int:
         """Bytes an allocation of ``nbytes`` really takes (granularity)."""
         return nbytes
@@ -75,6 +80,17 @@ class Backend(abc.ABC):
 
     def synchronize(self, stream: Any) -> None:  # noqa: B027 - a no-op by default
         """Wait until all work queued on ``stream`` is done."""
+
+    def record_ready(self, stream: Any) -> Any:
+        """A marker of the work queued on ``stream`` so far (a CUDA event):
+        a cache entry loaded asynchronously on ``stream`` is ready once the
+        marker is reached.  None where copies are synchronous (CPU)."""
+        return None
+
+    def wait_ready(self, marker: Any, stream: Any) -> None:  # noqa: B027 - no-op by default
+        """Make work queued on ``stream`` from now on wait for ``marker``
+        (from :meth:`record_ready`, possibly of another stream) without
+        blocking the host."""
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name}

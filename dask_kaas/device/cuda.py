@@ -25,6 +25,7 @@ from ..graph.kernels import Kernel
 from ..graph.launch import Launch
 from ..graph.library import BUILTINS
 from .backend import Backend, CompiledKernel
+from .faults import is_sticky_fault
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +115,10 @@ class CudaBackend(Backend):
 
     def is_out_of_memory(self, exc: BaseException) -> bool:
         return isinstance(exc, (self.cupy.cuda.memory.OutOfMemoryError, MemoryError))
+
+    def is_fatal(self, exc: BaseException) -> bool:
+        cuda = self.cupy.cuda
+        return is_sticky_fault(exc, (cuda.runtime.CUDARuntimeError, cuda.driver.CUDADriverError))
 
     def empty(self, shape: tuple[int, ...], dtype: np.dtype, stream: Any) -> Any:
         with stream:

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..graph.buffers import Buffer, BufferKind
 from ..graph.errors import (
+    DeviceFaultError,
     DeviceOutOfMemoryError,
     InputMismatchError,
     KaasError,
@@ -68,6 +69,9 @@ class WorkerRuntime:
         self.graphs_run = 0
         self.errors = 0
         self.running = 0
+        #: Why the device is unusable (a sticky fault), or None.  Once set, the
+        #: worker plugin asks for the worker to be restarted.
+        self.broken: str | None = None
 
     @contextlib.contextmanager
     def _slot(self) -> Iterator[Any]:
@@ -118,6 +122,8 @@ class WorkerRuntime:
             except KaasError:
                 raise
             except Exception as e:  # noqa: BLE001 - only a real out-of-memory is retried
+                if self.backend.is_fatal(e):
+                    raise self._device_fault(e, graph.name) from None
                 if not self.backend.is_out_of_memory(e):
                     raise
                 if attempt == 2:
@@ -214,10 +220,26 @@ class WorkerRuntime:
                 except KaasError:
                     raise
                 except Exception as e:  # noqa: BLE001 - any failure of user code
+                    if self.backend.is_fatal(e):
+                        raise self._device_fault(e, graph.name, index,
+                                                 launch.kernel.name) from None
+                    if self.backend.is_out_of_memory(e):
+                        raise  # kernel temporaries: evict and retry (_run_retrying_oom)
                     it_note = f" (iteration {it})" if graph.n_iter > 1 else ""
                     raise KernelExecutionError(
                         f"kernel raised{it_note}: {type(e).__name__}: {e}",
                         graph=graph.name, launch=index, kernel=launch.kernel.name) from None
+
+    def _device_fault(self, exc: BaseException, graph: str, launch: int | None = None,
+                      kernel: str | None = None) -> DeviceFaultError:
+        """Mark the worker broken (the first reason wins) and say so to the
+        request that met the fault."""
+        reason = f"{type(exc).__name__}: {exc}"
+        with self._lock:
+            if self.broken is None:
+                self.broken = reason
+        return DeviceFaultError(f"the device faulted ({reason}); its worker is restarted",
+                                graph=graph, launch=launch, kernel=kernel)
 
     def close(self) -> None:
         self.cache.close()

@@ -4,6 +4,7 @@ from .buffers import Buffer, BufferKind
 from .errors import (
     BackendUnavailableError,
     BufferRoleError,
+    DeviceFaultError,
     DeviceOutOfMemoryError,
     DuplicateBufferError,
     GraphError,
@@ -30,7 +31,8 @@ from .library import BUILTINS
 
 __all__ = [
     "ArgRef", "BUILTINS", "BackendUnavailableError", "Buffer", "BufferKind",
-    "BufferRoleError", "DeviceOutOfMemoryError", "DuplicateBufferError", "GraphError",
+    "BufferRoleError", "DeviceFaultError", "DeviceOutOfMemoryError", "DuplicateBufferError",
+    "GraphError",
     "GraphTooLargeError", "In", "InOut", "InputError", "InputMismatchError", "KaasError",
     "Kernel", "KernelDefinitionError", "KernelExecutionError", "KernelGraph", "Launch",
     "LaunchConfigError", "LiteralTypeError", "MissingInputError", "NoKaasWorkersError",

@@ -71,6 +71,11 @@ def normalize_dtype(dtype: object) -> np.dtype:
         raise TypeError(f"buffers need a plain numeric dtype, got {dt!r}")
     if dt.kind not in "biufc":
         raise TypeError(f"buffers need a plain numeric dtype, got {dt!r}")
+    if not dt.isnative:
+        # Device arrays (CuPy) only hold native byte order: refusing it here
+        # names the buffer, instead of a bare ValueError on the worker.
+        raise TypeError(f"buffers need native byte order, got {dt.str!r}; convert the "
+                        f"data with arr.astype(arr.dtype.newbyteorder('='))")
     return dt
 
 

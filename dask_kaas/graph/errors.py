@@ -116,6 +116,15 @@ class KernelExecutionError(KaasError):
     """A kernel raised while the graph ran on a worker."""
 
 
+class DeviceFaultError(KernelExecutionError):
+    """A kernel faulted the device (illegal address, launch failure, ...).
+
+    The CUDA context stays in a sticky error state after such a fault, so
+    every later graph on that worker would fail too: the worker is marked
+    broken and restarted, and its other requests are placed again.
+    """
+
+
 class BackendUnavailableError(KaasError):
     """The requested device backend cannot run on this machine."""
 

@@ -1,0 +1,211 @@
+"""The CUDA path's decisions, checked without a GPU.
+
+Everything the CUDA backend decides that does not need a device to decide
+(byte order, out-of-memory retries, sticky faults, shared-memory limits,
+per-device worker specs, pool sizing, the NVRTC output) is a plain function
+or goes through the Backend interface, so it is tested here on the CPU.
+The same paths on a real GPU are in tests/test_gpu.py.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+from dask_kaas import (
+    DeviceFaultError,
+    DeviceOutOfMemoryError,
+    GraphError,
+    KaasError,
+    Kernel,
+    KernelExecutionError,
+    KernelGraph,
+    Out,
+)
+from dask_kaas.device.cpu import CpuBackend
+from dask_kaas.device.faults import STICKY_ERRORS, is_sticky_fault
+from dask_kaas.device.runtime import WorkerRuntime
+from dask_kaas.request import GraphRequest, InputRef
+
+X = np.arange(64, dtype=np.float32).reshape(8, 8)
+W = np.eye(8, dtype=np.float32)
+
+
+def one_kernel_graph(fn, name="k"):
+    g = KernelGraph("g1")
+    x = g.input("x", (8, 8), np.float32)
+    g.const("w", (8, 8), np.float32)
+    y = g.output("y", (8, 8), np.float32)
+    g.launch(Kernel.array(fn, name=name), [x, Out(y)])
+    return g
+
+
+def request(key, wid="w-id"):
+    return GraphRequest(key, "g1", "t", [InputRef("x", 256, None),
+                                          InputRef("w", 256, wid, const=True)])
+
+
+def double(xp, x, y):
+    y[...] = 2 * x
+
+
+# -- item 8: byte order ------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [">f4", ">i8", ">c16", ">u2", np.dtype("<f8").newbyteorder()])
+def test_non_native_byte_order_is_refused_when_declared(dtype):
+    native = np.dtype(dtype).newbyteorder("=")
+    g = KernelGraph("bo")
+    with pytest.raises(GraphError, match="graph 'bo', buffer 'w'.*native byte order"):
+        g.const("w", (4,), dtype)
+    assert "w" not in g.buffers
+    assert g.const("w", (4,), native).dtype.isnative  # the native spelling is fine
+
+
+def test_non_native_byte_order_is_refused_in_a_graph_document():
+    from dask_kaas.graph.serialize import graph_from_dict
+
+    g = one_kernel_graph(double)
+    doc = g.to_dict()
+    doc["buffers"][1]["dtype"] = ">f4"
+    with pytest.raises(KaasError, match="buffer 'w'.*native byte order"):
+        graph_from_dict(doc)
+
+
+def test_single_byte_dtypes_have_no_byte_order_and_are_kept():
+    g = KernelGraph("bytes")
+    assert g.input("a", 3, ">u1").dtype == np.uint8
+    assert g.input("b", 3, "|i1").dtype == np.int8
+
+
+# -- item 3: out of memory inside a kernel -----------------------------------
+
+def test_out_of_memory_inside_a_kernel_empties_the_cache_and_retries():
+    calls = []
+
+    def needs_temporaries(xp, x, y):
+        calls.append(1)
+        if len(calls) == 1:
+            raise MemoryError("out of memory allocating the kernel's temporaries")
+        y[...] = 2 * x
+
+    rt = WorkerRuntime(CpuBackend(), 10_000)
+    rt.run(one_kernel_graph(double), request("warm", wid="other"), [X, W])
+    assert "other" in rt.cache
+    out, report = rt.run(one_kernel_graph(needs_temporaries), request("k1"), [X, W])
+    np.testing.assert_array_equal(out["y"], 2 * X)
+    assert len(calls) == 2
+    assert "other" not in rt.cache  # the cache was emptied before the retry
+    assert report["misses"] == 1 and rt.stats()["errors"] == 0
+    assert rt.cache._private_bytes == 0
+
+
+def test_out_of_memory_inside_a_kernel_twice_is_a_device_out_of_memory_error():
+    def always(xp, x, y):
+        raise MemoryError("out of memory")
+
+    rt = WorkerRuntime(CpuBackend(), 10_000)
+    with pytest.raises(DeviceOutOfMemoryError, match="graph 'g1'.*even after emptying"):
+        rt.run(one_kernel_graph(always), request("k"), [X, W])
+    assert rt.cache._private_bytes == 0 and rt.broken is None
+
+
+# -- item 9: sticky device faults ---------------------------------------------
+
+class StandInIllegalAddressError(RuntimeError):
+    """Stands in for CuPy's CUDARuntimeError(cudaErrorIllegalAddress)."""
+
+    status = 700
+
+
+class StickyFaultBackend(CpuBackend):
+    """A CPU backend that, like the CUDA one, calls some errors fatal; it can
+    also fail in synchronize (where a faulting kernel is noticed on a GPU)."""
+
+    fail_sync: BaseException | None = None
+
+    def is_fatal(self, exc):
+        return is_sticky_fault(exc, (StandInIllegalAddressError,))
+
+    def synchronize(self, stream):
+        if self.fail_sync is not None:
+            raise self.fail_sync
+
+
+def faulting_kernel(xp, x, y):
+    raise StandInIllegalAddressError("cudaErrorIllegalAddress: an illegal memory access")
+
+
+def test_a_sticky_fault_in_a_kernel_fails_the_request_and_marks_the_worker_broken():
+    rt = WorkerRuntime(StickyFaultBackend(), 10_000)
+    assert rt.broken is None
+    with pytest.raises(DeviceFaultError, match="graph 'g1', launch 0 \\(kernel 'wild'\\)"
+                       ".*illegal memory access.*restarted") as e:
+        rt.run(one_kernel_graph(faulting_kernel, name="wild"), request("k"), [X, W])
+    assert isinstance(e.value, KernelExecutionError)
+    assert "illegal memory access" in rt.broken
+    assert rt.cache._private_bytes == 0
+    assert all(entry.pins == 0 for entry in rt.cache._entries.values())
+    first = rt.broken
+    with pytest.raises(DeviceFaultError):
+        rt.run(one_kernel_graph(faulting_kernel), request("k2"), [X, W])
+    assert rt.broken == first  # the first reason is kept
+    back = pickle.loads(pickle.dumps(e.value))  # crosses from worker to client
+    assert type(back) is DeviceFaultError and back.launch == 0 and back.kernel == "wild"
+
+
+def test_a_sticky_fault_noticed_at_synchronize_is_a_device_fault():
+    backend = StickyFaultBackend()
+    backend.fail_sync = RuntimeError("CUDA error at stream.cpp:12: "
+                                     "cudaErrorLaunchFailure unspecified launch failure")
+    rt = WorkerRuntime(backend, 10_000)
+    with pytest.raises(DeviceFaultError, match="graph 'g1'.*launch failure"):
+        rt.run(one_kernel_graph(double), request("k"), [X, W])
+    assert "cudaErrorLaunchFailure" in rt.broken
+
+
+def test_an_ordinary_kernel_error_does_not_break_the_worker():
+    def bad(xp, x, y):
+        raise ValueError("bad row")
+
+    rt = WorkerRuntime(StickyFaultBackend(), 10_000)
+    with pytest.raises(KernelExecutionError, match="ValueError: bad row") as e:
+        rt.run(one_kernel_graph(bad), request("k"), [X, W])
+    assert type(e.value) is KernelExecutionError and rt.broken is None
+    out, _ = rt.run(one_kernel_graph(double), request("k2"), [X, W])
+    np.testing.assert_array_equal(out["y"], 2 * X)
+
+
+def test_the_cpu_backend_calls_nothing_fatal():
+    assert not CpuBackend().is_fatal(StandInIllegalAddressError("cudaErrorIllegalAddress"))
+
+
+class StandInDriverError(Exception):
+    def __init__(self, status):
+        super().__init__(f"CUDA driver error {status}")
+        self.status = status
+
+
+@pytest.mark.parametrize("status,sticky", [(700, True), (719, True), (716, True), (715, True),
+                                           (2, False), (1, False), (222, False), (701, False),
+                                           (True, False), ("700", False), (None, False)])
+def test_sticky_classification_by_status(status, sticky):
+    assert is_sticky_fault(StandInDriverError(status), (StandInDriverError,)) is sticky
+
+
+@pytest.mark.parametrize("exc,sticky", [
+    (RuntimeError("CUDA error: CUDA_ERROR_MISALIGNED_ADDRESS misaligned address"), True),
+    (RuntimeError("cudaErrorIllegalInstruction"), True),
+    (RuntimeError("cudaErrorMemoryAllocation out of memory"), False),
+    (MemoryError("cudaErrorIllegalAddress"), False),  # not a RuntimeError: not by name
+    (ValueError("cudaErrorIllegalAddress"), False),
+    (RuntimeError("\udcff\x00" * 1000), False),
+])
+def test_sticky_classification_by_message(exc, sticky):
+    assert is_sticky_fault(exc, ()) is sticky
+
+
+def test_the_sticky_table_names_each_code_in_both_apis():
+    assert all(len(names) == 2 and names[0].startswith("cudaError")
+               and names[1].startswith("CUDA_ERROR_") for names in STICKY_ERRORS.values())
