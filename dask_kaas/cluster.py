@@ -35,6 +35,60 @@ def rotate(devices: list[str], first: str) -> str:
     return ",".join(devices[i:] + devices[:i])
 
 
+def normalize_devices(devices: Any) -> list[str]:
+    """GPU ids from a list of ints/strings or a "0,1" string; a KaasError
+    for anything else (the ids end up in an environment variable)."""
+    if isinstance(devices, str):
+        devices = [d.strip() for d in devices.split(",") if d.strip()]
+    if not isinstance(devices, (list, tuple)) or not devices:
+        raise KaasError(f"devices must be a non-empty list of GPU ids, got {devices!r}")
+    out = []
+    for d in devices:
+        if isinstance(d, bool) or not isinstance(d, (int, str)):
+            raise KaasError(f"GPU ids must be ints or strings, got {d!r}")
+        d = str(d).strip()
+        if not d or len(d) > 64 or not all(c.isalnum() or c in "-_:" for c in d):
+            raise KaasError(f"GPU ids must be numbers or UUIDs, got {d!r}")
+        out.append(d)
+    if len(set(out)) != len(out):
+        raise KaasError(f"devices lists a GPU twice: {out}")
+    return out
+
+
+def next_device(devices: list[str], assigned: list[str]) -> str:
+    """The device the next worker gets: the one fewest workers use, the
+    first in order on a tie (so workers spread over the GPUs)."""
+    counts = {d: 0 for d in devices}
+    for d in assigned:
+        if d in counts:
+            counts[d] += 1
+    return min(devices, key=lambda d: counts[d])
+
+
+def with_devices(specs: dict[Any, Any], devices: list[str],
+                 assigned: dict[Any, str]) -> dict[Any, Any]:
+    """Worker specs where each worker not in ``assigned`` (name -> device)
+    gets a device of its own, ``CUDA_VISIBLE_DEVICES`` naming it first.
+
+    Pure: the specs are copied (LocalCluster shares one options dict among
+    all its initial workers) and ``assigned`` is updated.
+    """
+    out = {}
+    for name, spec in specs.items():
+        if not devices or name in assigned:
+            out[name] = spec
+            continue
+        device = next_device(devices, list(assigned.values()))
+        spec = copy.deepcopy(spec)
+        options = spec.setdefault("options", {})
+        env = dict(options.get("env") or {})
+        env["CUDA_VISIBLE_DEVICES"] = rotate(devices, device)
+        options["env"] = env
+        assigned[name] = device
+        out[name] = spec
+    return out
+
+
 class LocalKaasCluster(LocalCluster):
     """A local Dask cluster ready for kernel graphs.
 
@@ -55,24 +109,38 @@ class LocalKaasCluster(LocalCluster):
     policy:
         Placement policy: ``affinity`` (default), ``balance``, ``round_robin``
         or ``static``.
+    devices:
+        GPU ids to spread the workers over (default: ``CUDA_VISIBLE_DEVICES``,
+        else every GPU).  Each worker's ``CUDA_VISIBLE_DEVICES`` names its own
+        device first, so it sees that device as device 0.
     """
 
     def __init__(self, n_workers: int | None = None, *, backend: str = "auto",
                  device_memory_limit: Any = None, rmm_pool_size: Any = None,
                  slots: int = 1, policy: str | None = None, workers_per_device: int = 1,
-                 threads_per_worker: int | None = None, host: str = "127.0.0.1",
-                 dashboard_address: str | None = "127.0.0.1:8787", **kwargs: Any) -> None:
+                 devices: Any = None, threads_per_worker: int | None = None,
+                 host: str = "127.0.0.1", dashboard_address: str | None = "127.0.0.1:8787",
+                 **kwargs: Any) -> None:
         from . import dashboard  # noqa: F401 - the KaaS page, before the dashboard starts
 
         self.kaas_backend = resolve_backend_name(backend)
         if slots < 1 or workers_per_device < 1:
             raise KaasError("slots and workers_per_device must be at least 1")
-        self.devices = visible_devices() if self.kaas_backend == "cuda" else []
+        if devices is not None:
+            self.devices = normalize_devices(devices)
+        else:
+            self.devices = visible_devices() if self.kaas_backend == "cuda" else []
+        #: Worker name -> the device it was given.
+        self.device_of: dict[Any, str] = {}
         if n_workers is None:
             n_workers = len(self.devices) * workers_per_device if self.devices else 2
         if self.kaas_backend == "cuda" and n_workers > len(self.devices) * workers_per_device:
             raise KaasError(f"{n_workers} workers requested but {len(self.devices)} GPU(s) x "
                             f"{workers_per_device} worker(s) per device are available")
+        if self.kaas_backend == "cuda" and not kwargs.get("processes", True) and n_workers > 1:
+            raise KaasError("the cuda backend needs processes=True for more than one worker: "
+                            "each worker sets the process-wide RMM memory resource and "
+                            "CUDA_VISIBLE_DEVICES applies to a whole process")
         if device_memory_limit is None and self.kaas_backend == "cuda" and workers_per_device > 1:
             device_memory_limit = config.GPU_DEFAULT_FRACTION / workers_per_device
         self.workers_per_device = workers_per_device
@@ -87,15 +155,20 @@ class LocalKaasCluster(LocalCluster):
                          host=host, dashboard_address=dashboard_address,
                          scheduler_kwargs=scheduler_kwargs, resources=resources, **kwargs)
 
+    async def _start(self) -> None:
+        # LocalCluster builds its initial workers' specs without
+        # new_worker_spec (only scale() calls that): give them their devices
+        # here, before SpecCluster launches any of them.
+        self.worker_spec = self._assign_devices(self.worker_spec)
+        await super()._start()
+
+    def _assign_devices(self, specs: dict[Any, Any]) -> dict[Any, Any]:
+        if not self.devices or not self.processes:
+            return specs  # in-process workers share the process's environment
+        live = {n: d for n, d in self.device_of.items() if n in self.worker_spec}
+        out = with_devices(specs, self.devices, live)
+        self.device_of = live
+        return out
+
     def new_worker_spec(self) -> dict[Any, Any]:
-        spec = super().new_worker_spec()
-        if not self.devices:
-            return spec
-        ((name, options),) = spec.items()
-        options = copy.deepcopy(options)
-        taken = sum(1 for n in self.worker_spec if n != name)
-        device = self.devices[(taken // self.workers_per_device) % len(self.devices)]
-        env = dict(options["options"].get("env") or {})
-        env["CUDA_VISIBLE_DEVICES"] = rotate(self.devices, device)
-        options["options"]["env"] = env
-        return {name: options}
+        return self._assign_devices(super().new_worker_spec())

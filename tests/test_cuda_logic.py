@@ -209,3 +209,63 @@ def test_sticky_classification_by_message(exc, sticky):
 def test_the_sticky_table_names_each_code_in_both_apis():
     assert all(len(names) == 2 and names[0].startswith("cudaError")
                and names[1].startswith("CUDA_ERROR_") for names in STICKY_ERRORS.values())
+
+
+# -- item 1: a device of its own for every worker ----------------------------
+
+def test_initial_worker_specs_get_a_device_each_without_starting_workers():
+    from dask_kaas.cluster import with_devices
+
+    shared = {"cls": "Nanny", "options": {"nthreads": 2}}
+    specs = {i: shared for i in range(4)}  # as LocalCluster builds them: one shared dict
+    assigned: dict = {}
+    out = with_devices(specs, ["0", "1"], assigned)
+    envs = [out[i]["options"]["env"]["CUDA_VISIBLE_DEVICES"] for i in range(4)]
+    assert envs == ["0,1", "1,0", "0,1", "1,0"]
+    assert assigned == {0: "0", 1: "1", 2: "0", 3: "1"}
+    assert "env" not in shared["options"]  # the shared spec is left alone
+    assert all(out[i]["options"]["nthreads"] == 2 for i in range(4))
+    again = with_devices(out, ["0", "1"], assigned)  # already assigned: unchanged
+    assert [again[i]["options"]["env"] for i in range(4)] == [out[i]["options"]["env"]
+                                                               for i in range(4)]
+
+
+def test_a_scaled_up_worker_gets_the_least_used_device():
+    from dask_kaas.cluster import next_device, with_devices
+
+    assert next_device(["0", "1", "2"], ["0", "1", "0"]) == "2"
+    assert next_device(["0", "1"], ["1"]) == "0"
+    assigned = {0: "0", 2: "0", 3: "1"}  # worker 1 (on device 1) was retired
+    out = with_devices({4: {"options": {"env": {"OTHER": "x"}}}}, ["0", "1"], assigned)
+    assert out[4]["options"]["env"] == {"OTHER": "x", "CUDA_VISIBLE_DEVICES": "1,0"}
+
+
+def test_the_workers_of_a_cluster_really_see_their_own_device_first():
+    import os
+
+    from dask_kaas import KaasClient, LocalKaasCluster
+
+    with LocalKaasCluster(2, backend="cpu", devices=["3", "5"],
+                          dashboard_address="127.0.0.1:0") as cluster, \
+            KaasClient(cluster) as client:
+        seen = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
+        assert sorted(seen.values()) == ["3,5", "5,3"]
+        assert cluster.device_of == {0: "3", 1: "5"}
+        ((name, spec),) = cluster.new_worker_spec().items()  # built, not started
+        assert name == 2 and spec["options"]["env"]["CUDA_VISIBLE_DEVICES"] == "3,5"
+
+
+@pytest.mark.parametrize("devices", [[], [True], ["0", "0"], ["0;rm -rf /"], 5, [1.5],
+                                     ["\udcff"], ["0" * 100], [[0]]])
+def test_hostile_device_lists_are_refused(devices):
+    from dask_kaas.cluster import normalize_devices
+
+    with pytest.raises(KaasError, match="GPU"):
+        normalize_devices(devices)
+
+
+def test_device_lists_in_the_forms_users_write():
+    from dask_kaas.cluster import normalize_devices
+
+    assert normalize_devices("0, 2") == ["0", "2"]
+    assert normalize_devices([1, "GPU-8f2a-77"]) == ["1", "GPU-8f2a-77"]
