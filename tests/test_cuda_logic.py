@@ -269,3 +269,125 @@ def test_device_lists_in_the_forms_users_write():
 
     assert normalize_devices("0, 2") == ["0", "2"]
     assert normalize_devices([1, "GPU-8f2a-77"]) == ["1", "GPU-8f2a-77"]
+
+
+# -- item 2: a hit waits for the copy another stream is still doing ----------
+
+class StandInEvent:
+    """Stands in for a CUDA event: the position in its stream's queue."""
+
+    def __init__(self, stream, position):
+        self.stream, self.position = stream, position
+
+
+class StandInStream:
+    """Stands in for a CUDA stream: records what is queued on it, in order."""
+
+    def __init__(self, name):
+        self.name, self.ops = name, []
+
+
+class StreamRecordingBackend(CpuBackend):
+    """The CPU backend, plus the stream operations a CUDA backend would queue."""
+
+    def __init__(self):
+        self.host_waits = []
+
+    def to_device(self, host, stream):
+        if stream is not None:
+            stream.ops.append(("copy", host.nbytes))
+        return super().to_device(host, stream)
+
+    def record_ready(self, stream):
+        event = StandInEvent(stream, len(stream.ops))
+        stream.ops.append(("record", event))
+        return event
+
+    def wait_ready(self, marker, stream):
+        if marker is None:
+            return
+        if stream is None:
+            self.host_waits.append(marker)
+        else:
+            stream.ops.append(("wait", marker))
+
+
+def _load(bid, n=800):
+    from dask_kaas.device.cache import Load
+
+    arr = np.full(n // 8, 1.0)
+    return Load(bid, arr.nbytes, lambda: arr)
+
+
+def test_a_hit_on_another_stream_waits_for_the_event_recorded_after_the_copy():
+    from dask_kaas.device.cache import DeviceCache
+
+    backend = StreamRecordingBackend()
+    cache = DeviceCache(backend, 10_000)
+    a, b = StandInStream("a"), StandInStream("b")
+    first = cache.reserve([_load("w")], 0, a)
+    assert [op for op, _ in a.ops] == ["copy", "record"]  # the event follows the copy
+    event = a.ops[1][1]
+    assert event.stream is a and event.position == 1
+    second = cache.reserve([_load("w")], 0, b)  # a hit, while the copy may be in flight
+    assert second.hits == 1 and b.ops == [("wait", event)]
+    cache.release(first)
+    cache.release(second)
+    assert cache.read_host("w") is not None
+    assert backend.host_waits == [event]  # a host read waits on the host
+
+
+def test_the_cpu_backend_needs_no_ordering():
+    backend = CpuBackend()
+    assert backend.record_ready(None) is None
+    backend.wait_ready(None, None)
+
+
+# -- item 10: write-back does not hold the cache lock ---------------------------
+
+class GatedWriteBackBackend(CpuBackend):
+    """Device-to-host copies block until the test opens the gate."""
+
+    def __init__(self):
+        import threading
+
+        self.gate = threading.Event()
+        self.copying = threading.Event()
+
+    def to_host(self, dev, stream):
+        self.copying.set()
+        assert self.gate.wait(10)
+        return super().to_host(dev, stream)
+
+
+def test_a_write_back_lets_other_slots_use_the_cache_meanwhile():
+    import threading
+
+    from dask_kaas.device.cache import DeviceCache
+    from dask_kaas.device.handles import DeviceArray
+
+    backend = GatedWriteBackBackend()
+    cache = DeviceCache(backend, 2 * 800)
+    res = cache.reserve([], 800)
+    kept = np.arange(100, dtype=np.float64)
+    handle = DeviceArray("k", kept.shape, kept.dtype, cache=cache)
+    cache.release(res, keep={"k": (kept.copy(), kept.nbytes, handle)})
+    cache.release(cache.reserve([_load("a")], 0))
+    # "k" is the least recently used: loading "b" writes it back first.
+    loader = threading.Thread(target=lambda: cache.release(cache.reserve([_load("b")], 0)))
+    loader.start()
+    try:
+        assert backend.copying.wait(10)
+        hit_done = threading.Event()
+        hitter = threading.Thread(
+            target=lambda: (cache.release(cache.reserve([_load("a")], 0)), hit_done.set()))
+        hitter.start()
+        assert hit_done.wait(5), "a hit on another slot waited for the write-back"
+    finally:
+        backend.gate.set()
+        loader.join(10)
+    hitter.join(10)
+    assert set(cache.resident()) == {"a", "b"}
+    np.testing.assert_array_equal(handle.get(), kept)
+    assert cache.stats.writebacks == 1 and cache.stats.evictions == 1
+    assert cache.used_bytes == 2 * 800

@@ -90,7 +90,8 @@ class Backend(abc.ABC):
     def wait_ready(self, marker: Any, stream: Any) -> None:  # noqa: B027 - no-op by default
         """Make work queued on ``stream`` from now on wait for ``marker``
         (from :meth:`record_ready`, possibly of another stream) without
-        blocking the host."""
+        blocking the host; with ``stream`` None the host waits.  A None
+        marker is ready."""
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name}

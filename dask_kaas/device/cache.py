@@ -35,6 +35,9 @@ class CacheEntry:
     pins: int = 0
     loading: bool = True
     const: bool = False
+    #: Where the (asynchronous) copy to the device is done: a backend marker
+    #: (a CUDA event) that readers on other streams wait for.  None: ready.
+    ready: Any = None
     #: The handle whose data this entry is the only copy of (kept outputs).
     owner: weakref.ref[Any] | None = None
     drop_when_unpinned: bool = False
@@ -148,22 +151,68 @@ class DeviceCache:
     def _evictable_bytes(self) -> int:
         return sum(e.nbytes for e in self._entries.values() if e.pins == 0 and not e.loading)
 
-    def _evict_until(self, need: int) -> None:
-        """Drop unpinned entries until ``need`` bytes are free: first those no
-        queued graph will use, least recently used first, then the rest.
-        Caller holds the lock and checked it is possible."""
+    def _victims(self, need: int, exclude: Any = ()) -> list[CacheEntry]:
+        """The unpinned entries to drop for ``need`` bytes to be free: first
+        those no queued graph will use, least recently used first, then the
+        rest.  Caller holds the lock."""
         soon = self.needed_soon() if self.needed_soon is not None else set()
+        free = self.capacity_bytes - self.used_bytes
+        out: list[CacheEntry] = []
+        chosen: set[str] = set()
         for spare_soon in (True, False):
-            for key in list(self._entries):
-                if self.capacity_bytes - self.used_bytes >= need:
-                    return
-                e = self._entries[key]
-                if e.pins == 0 and not e.loading and not (spare_soon and key in soon):
-                    self._remove(e, evicted=True)
+            for key, e in self._entries.items():
+                if free >= need:
+                    return out
+                if (key not in chosen and key not in exclude and e.pins == 0
+                        and not e.loading and not (spare_soon and key in soon)):
+                    out.append(e)
+                    chosen.add(key)
+                    free += e.nbytes
+        return out
+
+    def _evict_until(self, need: int) -> None:
+        """Drop the victims for ``need`` bytes.  Caller holds the lock and
+        checked it is possible."""
+        for e in self._victims(need):
+            self._remove(e, evicted=True)
+
+    def _write_back_victims(self, need: int, exclude: Any) -> bool:
+        """Copy to the host, with the lock released, the victims that hold
+        the only copy of their data, so that evicting them later under the
+        lock copies nothing and other slots are not held up.  Returns whether
+        anything was written back (the caller then looks again).  Caller
+        holds the lock once."""
+        todo = [e for e in self._victims(need, exclude)
+                if e.array is not None and e.owner is not None and e.owner() is not None]
+        if not todo:
+            return False
+        for e in todo:
+            e.pins += 1  # neither evicted nor dropped while copied
+        hosts: list[np.ndarray | None] = []
+        self._cond.release()
+        try:
+            for e in todo:
+                self.backend.wait_ready(e.ready, None)
+                hosts.append(self.backend.to_host(e.array, None))
+        finally:
+            self._cond.acquire()
+            for e, host in zip(todo, hosts + [None] * (len(todo) - len(hosts))):
+                e.pins -= 1
+                owner = e.owner() if e.owner is not None else None
+                if host is not None and owner is not None:
+                    owner._store_host(host)
+                    e.owner = None  # no longer the only copy
+                    self.stats.writebacks += 1
+                    self.stats.bytes_to_host += host.nbytes
+                if e.pins == 0 and e.drop_when_unpinned and e.buffer_id in self._entries:
+                    self._remove(e, evicted=False)
+            self._cond.notify_all()
+        return True
 
     def _remove(self, e: CacheEntry, evicted: bool) -> None:
         owner = e.owner() if e.owner is not None else None
         if owner is not None and e.array is not None:
+            self.backend.wait_ready(e.ready, None)
             host = self.backend.to_host(e.array, None)
             owner._store_host(host)
             self.stats.writebacks += 1
@@ -210,8 +259,11 @@ class DeviceCache:
                 if need > free + evictable:
                     self._wait(deadline, graph)
                     continue
+                if self._write_back_victims(need, sizes):
+                    continue
                 break
             # Pin hits first so eviction below cannot take them.
+            hit_markers = []
             for ld in loads:
                 e = self._entries.get(ld.buffer_id)
                 if e is not None:
@@ -220,6 +272,8 @@ class DeviceCache:
                     res.pinned.append(ld.buffer_id)
                     res.hits += 1
                     res.arrays[ld.buffer_id] = e.array
+                    if e.ready is not None:
+                        hit_markers.append(e.ready)
             self._evict_until(need)
             missing = [ld for ld in loads if ld.buffer_id not in self._entries]
             for ld in missing:
@@ -233,16 +287,23 @@ class DeviceCache:
             self.stats.hits += res.hits
             self.stats.misses += res.misses
             self._account()
+        # A hit may have been loaded by another slot whose copy is still in
+        # flight on that slot's stream: this graph's stream waits for it.
+        for marker in hit_markers:
+            self.backend.wait_ready(marker, stream)
         # Copy misses to the device outside the lock: other graphs may run.
         try:
             for ld in missing:
                 t0 = time.perf_counter()
                 host = ld.source()
                 arr = self.backend.to_device(host, stream)
+                # Marked after the copy is queued, before anyone can hit it.
+                marker = self.backend.record_ready(stream)
                 dt = time.perf_counter() - t0
                 with self._cond:
                     e = self._entries[ld.buffer_id]
                     e.array = arr
+                    e.ready = marker
                     e.loading = False
                     res.arrays[ld.buffer_id] = arr
                     res.bytes_to_device += host.nbytes
@@ -334,6 +395,7 @@ class DeviceCache:
             e.pins += 1
         host = None
         try:
+            self.backend.wait_ready(e.ready, None)
             host = self.backend.to_host(e.array, None)
         finally:
             with self._cond:
