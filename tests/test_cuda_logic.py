@@ -391,3 +391,173 @@ def test_a_write_back_lets_other_slots_use_the_cache_meanwhile():
     np.testing.assert_array_equal(handle.get(), kept)
     assert cache.stats.writebacks == 1 and cache.stats.evictions == 1
     assert cache.used_bytes == 2 * 800
+
+
+# -- item 4: shared memory against the device's opt-in limit -------------------
+
+def shared_graph(shared_mem):
+    g = KernelGraph("smem")
+    x = g.input("x", (8, 8), np.float32)
+    g.const("w", (8, 8), np.float32)
+    y = g.output("y", (8, 8), np.float32)
+    g.launch(Kernel.array(double, name="first"), [x, Out(y)])
+    g.launch(Kernel.array(double, name="tiled"), [x, Out(y)], grid=1, block=32,
+             shared_mem=shared_mem)
+    return g
+
+
+class Sm86Backend(CpuBackend):
+    """The CPU backend with the shared-memory limit of an sm_86 GPU."""
+
+    def shared_mem_limit(self):
+        return 99 * 1024
+
+
+def test_shared_memory_is_checked_against_the_device_opt_in_limit():
+    from dask_kaas import LaunchConfigError
+    from dask_kaas.graph.validate import check_shared_memory
+
+    g = shared_graph(100 * 1024)
+    check_shared_memory(g, 227 * 1024)  # fits a Hopper
+    with pytest.raises(LaunchConfigError, match="graph 'smem', launch 1 \\(kernel 'tiled'\\)"
+                       ".*102400 bytes.*at most 101376"):
+        check_shared_memory(g, 99 * 1024)
+    rt = WorkerRuntime(Sm86Backend(), 10_000)
+    with pytest.raises(LaunchConfigError, match="launch 1 .*at most 101376"):
+        rt.run(g, request("k"), [X, W])
+    assert rt.cache._private_bytes == 0
+    out, _ = rt.run(shared_graph(64 * 1024), request("k2"), [X, W])  # above 48 KiB is fine
+    np.testing.assert_array_equal(out["y"], 2 * X)
+
+
+class StandInRawKernel:
+    """Stands in for a CuPy RawKernel's two shared-memory attributes."""
+
+    def __init__(self, static):
+        self.shared_size_bytes = static
+        self.set_to = []
+
+    @property
+    def max_dynamic_shared_size_bytes(self):
+        return self.set_to[-1] if self.set_to else None
+
+    @max_dynamic_shared_size_bytes.setter
+    def max_dynamic_shared_size_bytes(self, value):
+        self.set_to.append(value)
+
+
+def test_a_kernel_opts_in_above_48_kib_once_to_the_largest_size():
+    from dask_kaas import LaunchConfigError
+    from dask_kaas.device.cuda import opt_in_shared_memory
+
+    raw, state = StandInRawKernel(static=0), {"static": None, "allowed": None}
+    opt_in_shared_memory(raw, 32 * 1024, 227 * 1024, state)
+    assert raw.set_to == []  # no opt-in needed
+    opt_in_shared_memory(raw, 100 * 1024, 227 * 1024, state)
+    opt_in_shared_memory(raw, 64 * 1024, 227 * 1024, state)
+    assert raw.set_to == [100 * 1024]
+    # static shared memory counts too: 40 KiB static + 16 KiB dynamic > 48 KiB
+    raw, state = StandInRawKernel(static=40 * 1024), {"static": None, "allowed": None}
+    opt_in_shared_memory(raw, 16 * 1024, 227 * 1024, state)
+    assert raw.set_to == [16 * 1024]
+    opt_in_shared_memory(raw, 180 * 1024, 227 * 1024, state)  # 220 KiB in all: fits
+    assert raw.set_to == [16 * 1024, 180 * 1024]
+    with pytest.raises(LaunchConfigError, match="194560 bytes.*40960 static.*232448"):
+        opt_in_shared_memory(raw, 190 * 1024, 227 * 1024, state)
+
+
+# -- item 5: pool and cache sizes ---------------------------------------------
+
+GIB, MIB = 2**30, 2**20
+
+
+def test_the_cache_leaves_headroom_in_the_pool():
+    from dask_kaas.device.sizing import Headroom, size_device_memory
+
+    room = Headroom(0.05, 256 * MIB)
+    s = size_device_memory(141 * GIB, 140 * GIB, headroom=room)  # an H200, defaults
+    assert s.pool_bytes == int(141 * GIB * 0.8) // 256 * 256
+    assert s.headroom_bytes == int(s.pool_bytes * 0.05)
+    assert s.cache_bytes == s.pool_bytes - s.headroom_bytes
+    s = size_device_memory(16 * GIB, 15 * GIB, limit="96MB", headroom=room)
+    assert s.cache_bytes == 96_000_000 and s.headroom_bytes == 256 * MIB
+    assert s.pool_bytes == -(-(96_000_000 + 256 * MIB) // 256) * 256
+    s = size_device_memory(16 * GIB, 15 * GIB, pool="4GiB", headroom=room)
+    assert (s.pool_bytes, s.cache_bytes) == (4 * GIB, 4 * GIB - 256 * MIB)
+    s = size_device_memory(16 * GIB, 15 * GIB, limit="1GiB", pool="4GiB", headroom=room)
+    assert s.cache_bytes == GIB  # the limit, below what the pool would allow
+    s = size_device_memory(80 * GIB, 10 * GIB, headroom=room)  # most of it already taken
+    assert s.pool_bytes == 10 * GIB and s.cache_bytes == 10 * GIB - 512 * MIB
+    s = size_device_memory(80 * GIB, 70 * GIB, limit=0.4, headroom=room)  # 2 per device
+    assert s.cache_bytes == 32 * GIB and s.pool_bytes <= 0.45 * 80 * GIB
+
+
+def test_a_pool_too_small_for_its_headroom_is_a_clear_error():
+    from dask_kaas.device.sizing import Headroom, size_device_memory
+
+    with pytest.raises(KaasError, match="no room for the device cache.*headroom"):
+        size_device_memory(16 * GIB, 15 * GIB, pool="200MiB", headroom=Headroom(0.05, 256 * MIB))
+    with pytest.raises(KaasError, match="no room"):
+        size_device_memory(16 * GIB, 100 * MIB, headroom=Headroom(0.05, 256 * MIB))
+
+
+def test_headroom_comes_from_the_config():
+    import dask
+
+    from dask_kaas.device.sizing import headroom_from_config
+
+    assert headroom_from_config() == headroom_from_config({"fraction": 0.05,
+                                                           "minimum": "256MiB"})
+    with dask.config.set({"kaas.device-memory-headroom": {"fraction": 0.1, "minimum": 0}}):
+        room = headroom_from_config()
+    assert (room.fraction, room.minimum) == (0.1, 0) and room.of(1000) == 100
+
+
+@pytest.mark.parametrize("value", [
+    {"fraction": float("nan")}, {"fraction": float("inf")}, {"fraction": -0.1},
+    {"fraction": 0.5}, {"fraction": "5%"}, {"fraction": True}, {"minimum": -1},
+    {"minimum": "lots"}, {"minimum": 2**60}, {"minimum": 1.5}, {"minimum": None},
+    {"minimum": "\udcff"}, {"other": 1}, [0.05], "5%", {"fraction": {"deep": [1]}},
+])
+def test_hostile_headroom_settings_are_refused_naming_the_key(value):
+    from dask_kaas.device.sizing import headroom_from_config
+
+    with pytest.raises(KaasError, match="kaas.device-memory-headroom"):
+        headroom_from_config(value)
+
+
+# -- item 6: which image NVRTC makes for a device --------------------------------
+
+ARCHS = (75, 80, 86, 87, 88, 89, 90, 100, 103, 110, 120, 121)
+
+
+@pytest.mark.parametrize("nvrtc,driver,arch,expected", [
+    ((13, 5), (13, 0), 90, ("cubin", 90)),   # newer NVRTC, same major: cubin only
+    ((13, 0), (13, 0), 90, ("cubin", 90)),
+    ((13, 0), (13, 5), 130, ("ptx", 121)),   # unknown arch: PTX the driver can JIT
+    ((12, 8), (13, 0), 90, ("cubin", 90)),   # older NVRTC on a newer driver
+])
+def test_the_image_is_a_cubin_or_ptx_the_driver_can_read(nvrtc, driver, arch, expected):
+    from dask_kaas.device.nvrtc import choose_image
+
+    assert choose_image(nvrtc, driver, arch, ARCHS) == expected
+
+
+@pytest.mark.parametrize("nvrtc,driver,arch,why", [
+    ((13, 5), (13, 0), 130, "PTX is newer than the driver's CUDA 13.0"),
+    ((13, 0), (12, 8), 90, "NVRTC 13.0 is newer than the driver's CUDA 12.8"),
+    ((13, 0), (13, 0), 50, "nor PTX for an older architecture"),
+])
+def test_an_image_no_driver_could_load_is_refused_up_front(nvrtc, driver, arch, why):
+    from dask_kaas import KernelDefinitionError
+    from dask_kaas.device.nvrtc import choose_image
+
+    with pytest.raises(KernelDefinitionError, match=why):
+        choose_image(nvrtc, driver, arch, ARCHS)
+
+
+def test_driver_versions_decode_as_cuda_does():
+    from dask_kaas.device.nvrtc import cuda_version
+
+    assert cuda_version(13000) == (13, 0) and cuda_version(12080) == (12, 8)
+    assert cuda_version(13050) == (13, 5)

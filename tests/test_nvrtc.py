@@ -16,7 +16,14 @@ from dask_kaas import Kernel, KernelDefinitionError
 
 pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings is part of the test extra")
 
-from dask_kaas.device.nvrtc import check_kernel, compile_source  # noqa: E402
+from dask_kaas.device.nvrtc import (  # noqa: E402
+    check_kernel,
+    choose_image,
+    compile_for_device,
+    compile_source,
+    nvrtc_version,
+    supported_archs,
+)
 
 
 def shipped_cuda_kernels() -> list[tuple[str, Kernel]]:
@@ -60,3 +67,30 @@ def test_cubin_and_template_name_expressions():
     cubin = compile_source(src, "scale<float>", output="cubin",
                            name_expressions=["scale<float>"])
     assert cubin[:4] == b"\x7fELF"
+
+
+def test_this_nvrtc_on_an_older_driver_of_its_major_version_makes_a_loadable_cubin():
+    """The case that failed: NVRTC 13.5's PTX (ISA 9.5) on a CUDA 13.0 driver."""
+    from dask_kaas.workloads.sgemm import sgemm
+
+    nvrtc = nvrtc_version()
+    archs = supported_archs()
+    image = choose_image(nvrtc, (nvrtc[0], 0), 90, archs)
+    assert image == ("cubin", 90)
+    binary, function = compile_for_device(sgemm, image)
+    assert binary[:4] == b"\x7fELF" and function == "sgemm"
+
+
+def test_template_kernels_load_by_their_lowered_name():
+    k = Kernel.cuda("template<typename T> __global__ void scale(T* x, T a) "
+                    "{ x[threadIdx.x] *= a; }", "scale<double>",
+                    name_expressions=["scale<float>", "scale<double>"])
+    binary, function = compile_for_device(k, ("cubin", 80))
+    assert function == "_Z5scaleIdEvPT_S0_" and function.encode() in binary
+    ptx, function = compile_for_device(k, ("ptx", 80))
+    assert f".entry {function}".encode() in ptx and b".target sm_80" in ptx
+
+
+def test_an_unknown_output_kind_is_refused():
+    with pytest.raises(KernelDefinitionError, match="unknown NVRTC output 'fatbin'"):
+        compile_source("__global__ void f() {}", "f", output="fatbin")

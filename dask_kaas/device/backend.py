@@ -35,10 +35,19 @@ class Backend(abc.ABC):
         """Bytes of device memory this worker may use at most (before any
         configured limit)."""
 
-    def pool_capacity(self, requested: int) -> int:
-        """Bytes the device pool really provides for a requested cache size
-        (the CUDA backend cannot give more than its RMM pool)."""
-        return requested
+    def cache_capacity(self, limit: Any = None) -> int:
+        """Bytes the device cache may hold, for a configured limit (bytes, a
+        string or a fraction of the device; None: the backend's default)."""
+        from .. import config
+
+        if limit is None:
+            return config.CPU_DEFAULT_CAPACITY
+        return config.parse_memory(limit, self.physical_capacity())
+
+    def shared_mem_limit(self) -> int | None:
+        """Most dynamic shared memory a launch may ask per block (the
+        device's opt-in limit), or None where it means nothing (CPU)."""
+        return None
 
     def is_out_of_memory(self, exc: BaseException) -> bool:
         """Whether ``exc`` is the device running out of memory."""

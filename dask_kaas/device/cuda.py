@@ -2,60 +2,61 @@
 
 Each worker sees its device as device 0 (``CUDA_VISIBLE_DEVICES`` names it
 first, as dask-cuda does).  Device memory comes from an RMM pool of a fixed
-size with CuPy's allocator routed through it, so the DeviceCache's exact
-accounting (allocation granularity included) keeps every graph inside the
-pool: the cache evicts before RMM runs out.  Host-to-device copies of large
-buffers go through pinned staging buffers in chunks, double-buffered so the
-host copy of one chunk overlaps the DMA of the previous one.
+size with CuPy's allocator routed through it; the DeviceCache gets the pool
+less a headroom for what it cannot account (kernel temporaries, RMM's free
+lists), see ``sizing.py``, and its exact accounting (allocation granularity
+included) keeps every graph inside the pool.  RMM's own statistics are
+reported next to the cache's.  The RMM resource and CuPy's allocator are
+process-wide, so one process holds one CUDA backend at a time.
+
+CUDA C kernels are compiled with NVRTC into a cubin for the device (or PTX
+only where the driver can read it, see ``nvrtc.choose_image``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
+import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-from ..graph.errors import BackendUnavailableError, KernelDefinitionError
+from ..graph.errors import BackendUnavailableError, KernelDefinitionError, LaunchConfigError
 from ..graph.kernels import Kernel
 from ..graph.launch import Launch
 from ..graph.library import BUILTINS
 from .backend import Backend, CompiledKernel
 from .faults import is_sticky_fault
+from .nvrtc import cuda_version
+from .sizing import RMM_ALIGNMENT, Headroom, size_device_memory
+from .staging import STAGING_THRESHOLD, StagedCopier
 
 logger = logging.getLogger(__name__)
 
-#: RMM hands out allocations in multiples of 256 bytes.
-RMM_ALIGNMENT = 256
-#: Copies at least this large are staged through pinned memory in chunks.
-STAGING_THRESHOLD = 1 << 20
-CHUNK = 8 << 20
+#: Dynamic shared memory a kernel may use without opting in to more.
+DEFAULT_DYNAMIC_SHARED = 48 * 1024
+#: ``cudaDevAttrMaxSharedMemoryPerBlockOptin``.
+ATTR_SHARED_OPTIN = 97
+
+_live_lock = threading.Lock()
+_live: list[CudaBackend] = []
 
 
 def _round_up(n: int, k: int) -> int:
     return (n + k - 1) // k * k
 
 
-class _Staging:
-    """Two pinned host buffers and their events, for one stream."""
-
-    def __init__(self, cupy: Any, cupyx: Any) -> None:
-        self.buffers = [cupyx.empty_pinned((CHUNK,), dtype=np.uint8) for _ in range(2)]
-        self.events = [cupy.cuda.Event(disable_timing=True) for _ in range(2)]
-        self.used = [False, False]
-
-
 class CudaBackend(Backend):
     name = "cuda"
 
     def __init__(self, device_memory_limit: Any = None, rmm_pool_size: Any = None,
-                 **_: Any) -> None:
-        from .. import config
-
+                 headroom: Headroom | None = None, **_: Any) -> None:
         try:
             import cupy
             import cupyx
@@ -63,51 +64,101 @@ class CudaBackend(Backend):
             raise BackendUnavailableError(f"the cuda backend needs CuPy: {e}") from None
         if not cupy.is_available():
             raise BackendUnavailableError("the cuda backend needs a CUDA GPU; none is visible")
+        with _live_lock:
+            if _live:
+                raise BackendUnavailableError(
+                    "a CUDA backend is already live in this process: the RMM memory resource "
+                    "and CuPy's allocator are process-wide, so run one worker per process "
+                    "(processes=True) or close the other backend first")
+            _live.append(self)
+        try:
+            self._start(cupy, cupyx, device_memory_limit, rmm_pool_size, headroom)
+        except BaseException:
+            with _live_lock:
+                _live.remove(self)
+            raise
+
+    def _start(self, cupy: Any, cupyx: Any, limit: Any, pool: Any,
+               headroom: Headroom | None) -> None:
         self.cupy = cupy
         self.cupyx = cupyx
         self.xp = cupy
+        runtime = cupy.cuda.runtime
         self.device = cupy.cuda.Device(0)
         self.device.use()
-        free, total = cupy.cuda.runtime.memGetInfo()
+        free, total = runtime.memGetInfo()
         self.total_bytes = int(total)
-        wanted = rmm_pool_size if rmm_pool_size is not None else device_memory_limit
-        pool = (int(total * config.GPU_DEFAULT_FRACTION) if wanted is None
-                else config.parse_memory(wanted, int(total)))
-        pool = min(pool, int(free)) // RMM_ALIGNMENT * RMM_ALIGNMENT
-        self.pool_bytes = pool
-        self.allocator = self._setup_pool(pool)
-        self._staging: dict[int, _Staging] = {}
-        props = cupy.cuda.runtime.getDeviceProperties(0)
-        self.device_name = props["name"].decode() if isinstance(props["name"], bytes) \
-            else str(props["name"])
-        self.compute_capability = f"{props['major']}{props['minor']}"
+        self.sizing = size_device_memory(int(total), int(free), limit, pool, headroom)
+        self.pool_bytes = self.sizing.pool_bytes
+        self._mr: Any = None
+        self._mempool: Any = None
+        self._prev_mr: Any = None
+        self._prev_allocator = cupy.cuda.get_allocator()
+        self.allocator, self.allocator_note = self._setup_pool(self.pool_bytes)
+        self._copier = StagedCopier(cupy, cupyx)
+        props = runtime.getDeviceProperties(0)
+        name = props["name"]
+        self.device_name = name.decode() if isinstance(name, bytes) else str(name)
+        self.arch = int(props["major"]) * 10 + int(props["minor"])
+        self.compute_capability = str(self.arch)
+        self.shared_mem_optin = int(runtime.deviceGetAttribute(ATTR_SHARED_OPTIN, 0))
+        self.driver_version = cuda_version(runtime.driverGetVersion())
+        self._image_dir = tempfile.mkdtemp(prefix="kaas-images-")
+        self._choose_compiler()
 
-    def _setup_pool(self, pool: int) -> str:
+    def _setup_pool(self, pool: int) -> tuple[str, str | None]:
         cupy = self.cupy
         try:
             import rmm
             from rmm.allocators.cupy import rmm_cupy_allocator
-        except Exception:  # noqa: BLE001 - RMM is optional; CuPy's own pool is the fallback
+        except Exception as e:  # noqa: BLE001 - RMM is optional; CuPy's own pool is the fallback
+            note = ("RMM is not installed" if isinstance(e, ImportError) and e.name == "rmm"
+                    else f"RMM failed to import ({type(e).__name__}: {e})")
             mempool = cupy.cuda.MemoryPool()
             mempool.set_limit(size=pool)
             cupy.cuda.set_allocator(mempool.malloc)
             self._mempool = mempool
-            logger.warning("dask_kaas: RMM is not installed; using CuPy's memory pool "
-                           "(limit %d bytes)", pool)
-            return "cupy"
-        mr = rmm.mr.PoolMemoryResource(rmm.mr.CudaMemoryResource(), initial_pool_size=pool,
-                                       maximum_pool_size=pool)
+            logger.warning("dask_kaas: %s; using CuPy's memory pool (limit %d bytes)", note, pool)
+            return "cupy", note
+        upstream = rmm.mr.PoolMemoryResource(rmm.mr.CudaMemoryResource(),
+                                             initial_pool_size=pool, maximum_pool_size=pool)
+        mr = rmm.mr.StatisticsResourceAdaptor(upstream)
+        self._prev_mr = rmm.mr.get_current_device_resource()
         rmm.mr.set_current_device_resource(mr)
         cupy.cuda.set_allocator(rmm_cupy_allocator)
         self._mr = mr
-        return "rmm"
+        return "rmm", None
+
+    def _choose_compiler(self) -> None:
+        """NVRTC through cuda-bindings when present (so the image is ours to
+        choose), else CuPy's compiler (which also makes cubins by default)."""
+        from . import nvrtc
+
+        self.kernel_compiler = "nvrtc"
+        self._image: tuple[str, int] | None = None
+        self._image_error: str | None = None
+        try:
+            self.nvrtc_version = nvrtc.nvrtc_version()
+            archs = nvrtc.supported_archs()
+        except KernelDefinitionError as e:
+            self.kernel_compiler = "cupy"
+            self._image_error = e.detail
+            major, minor = self.cupy.cuda.nvrtc.getVersion()
+            self.nvrtc_version = (int(major), int(minor))
+            return
+        try:
+            self._image = nvrtc.choose_image(self.nvrtc_version, self.driver_version, self.arch,
+                                             archs)
+        except KernelDefinitionError as e:
+            self._image_error = e.detail
 
     # -- memory --------------------------------------------------------------
     def physical_capacity(self) -> int:
         return self.total_bytes
 
-    def pool_capacity(self, requested: int) -> int:
-        return min(requested, self.pool_bytes)
+    def cache_capacity(self, limit: Any = None) -> int:
+        # The limit was part of the sizing when the backend was made.
+        return self.sizing.cache_bytes
 
     def alloc_size(self, nbytes: int) -> int:
         granule = RMM_ALIGNMENT if self.allocator == "rmm" else 512
@@ -120,39 +171,30 @@ class CudaBackend(Backend):
         cuda = self.cupy.cuda
         return is_sticky_fault(exc, (cuda.runtime.CUDARuntimeError, cuda.driver.CUDADriverError))
 
+    def pool_statistics(self) -> dict[str, int | None]:
+        """What the allocator itself says is in use (RMM's statistics)."""
+        if self._mr is not None:
+            counts = self._mr.allocation_counts
+            return {"pool_used_bytes": int(counts.current_bytes),
+                    "pool_peak_bytes": int(counts.peak_bytes),
+                    "pool_allocations": int(counts.total_count)}
+        if self._mempool is not None:
+            return {"pool_used_bytes": int(self._mempool.used_bytes()),
+                    "pool_peak_bytes": None, "pool_allocations": None}
+        return {}
+
     def empty(self, shape: tuple[int, ...], dtype: np.dtype, stream: Any) -> Any:
         with stream:
             return self.cupy.empty(shape, dtype)
 
-    def _staging_for(self, stream: Any) -> _Staging:
-        st = self._staging.get(id(stream))
-        if st is None:
-            st = self._staging[id(stream)] = _Staging(self.cupy, self.cupyx)
-        return st
-
     def to_device(self, host: np.ndarray, stream: Any) -> Any:
-        cupy = self.cupy
         src = np.ascontiguousarray(host)
         with stream:
-            dev = cupy.empty(src.shape, src.dtype)
-        n = src.nbytes
-        if n < STAGING_THRESHOLD:
+            dev = self.cupy.empty(src.shape, src.dtype)
+        if src.nbytes < STAGING_THRESHOLD:
             dev.set(src, stream=stream)
-            return dev
-        flat_src = src.reshape(-1).view(np.uint8)
-        dst = dev.data.ptr
-        st = self._staging_for(stream)
-        kind = cupy.cuda.runtime.memcpyHostToDevice
-        for i, off in enumerate(range(0, n, CHUNK)):
-            k = i % 2
-            m = min(CHUNK, n - off)
-            if st.used[k]:
-                st.events[k].synchronize()  # the DMA out of this buffer is done
-            np.copyto(st.buffers[k][:m], flat_src[off:off + m])
-            cupy.cuda.runtime.memcpyAsync(dst + off, st.buffers[k].ctypes.data, m, kind,
-                                          stream.ptr)
-            st.events[k].record(stream)
-            st.used[k] = True
+        else:
+            self._copier.copy(dev.data.ptr, src, stream)
         return dev
 
     def to_host(self, dev: Any, stream: Any) -> np.ndarray:
@@ -162,7 +204,24 @@ class CudaBackend(Backend):
         stream.synchronize()
         return out
 
+    # -- ordering between streams ---------------------------------------------
+    def record_ready(self, stream: Any) -> Any:
+        event = self.cupy.cuda.Event(disable_timing=True)
+        event.record(stream)
+        return event
+
+    def wait_ready(self, marker: Any, stream: Any) -> None:
+        if marker is None:
+            return
+        if stream is None:
+            marker.synchronize()
+        else:
+            stream.wait_event(marker)
+
     # -- kernels -----------------------------------------------------------------
+    def shared_mem_limit(self) -> int | None:
+        return self.shared_mem_optin
+
     def compile(self, kernel: Kernel) -> CompiledKernel:
         cupy = self.cupy
         if kernel.kind == Kernel.LIBRARY:
@@ -171,28 +230,37 @@ class CudaBackend(Backend):
         if kernel.kind == Kernel.ARRAY:
             afn = kernel.fn
             return lambda launch, args, stream: _on(stream, afn, cupy, args)
-        if kernel.kind == Kernel.CUDA:
+        if kernel.kind == Kernel.CUDA and self.kernel_compiler == "cupy":
             module = cupy.RawModule(code=kernel.source, options=tuple(kernel.options),
                                     name_expressions=list(kernel.name_expressions) or None)
             raw = module.get_function(kernel.name)
-        else:
-            raw = self._load_image(kernel)
-        return _raw_launcher(raw)
+        elif kernel.kind == Kernel.CUDA:
+            from .nvrtc import compile_for_device
 
-    def _load_image(self, kernel: Kernel) -> Any:
-        """PTX or cubin: RawModule loads from a file, so write one first."""
-        suffix = "." + (kernel.image_format or "ptx")
-        fd, path = tempfile.mkstemp(suffix=suffix, prefix="kaas-")
+            if self._image is None:
+                raise KernelDefinitionError(self._image_error or "no NVRTC", kernel=kernel.name)
+            image, function = compile_for_device(kernel, self._image)
+            raw = self._load_image(image, self._image[0], kernel.name, function)
+        else:
+            raw = self._load_image(kernel.image or b"", kernel.image_format or "ptx",
+                                   kernel.name, kernel.name)
+        return _raw_launcher(raw, self.shared_mem_optin)
+
+    def _load_image(self, image: bytes, fmt: str, kernel: str, function: str) -> Any:
+        """RawModule loads from a file.  CuPy memoizes modules by path, so
+        the name is the image's hash: a path always means the same bytes."""
+        digest = hashlib.sha256(image).hexdigest()
+        path = os.path.join(self._image_dir, f"{digest}.{fmt}")
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(kernel.image or b"")
+            with open(path, "wb") as f:
+                f.write(image)
             module = self.cupy.RawModule(path=path)
-            return module.get_function(kernel.name)
+            return module.get_function(function)  # loads the module now
         except self.cupy.cuda.driver.CUDADriverError as e:
-            raise KernelDefinitionError(f"cannot load {suffix[1:]} image: {e}",
-                                        kernel=kernel.name) from None
+            raise KernelDefinitionError(f"cannot load {fmt} image: {e}", kernel=kernel) from None
         finally:
-            os.unlink(path)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
     # -- streams -------------------------------------------------------------------
     def make_streams(self, n: int) -> list[Any]:
@@ -207,14 +275,42 @@ class CudaBackend(Backend):
         stream.synchronize()
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.name, "device": self.device_name,
+        image = None
+        if self.kernel_compiler == "cupy":
+            image = "cupy's choice"
+        elif self._image is not None:
+            fmt, arch = self._image
+            image = f"{fmt} {'sm' if fmt == 'cubin' else 'compute'}_{arch}"
+        info = {"backend": self.name, "device": self.device_name,
                 "compute_capability": self.compute_capability,
                 "device_total_bytes": self.total_bytes, "pool_bytes": self.pool_bytes,
-                "allocator": self.allocator,
+                "headroom_bytes": self.sizing.headroom_bytes,
+                "allocator": self.allocator, "allocator_note": self.allocator_note,
+                "driver_cuda_version": ".".join(map(str, self.driver_version)),
+                "nvrtc_version": ".".join(map(str, self.nvrtc_version)),
+                "kernel_compiler": self.kernel_compiler,
+                "kernel_image": image,
+                "kernel_image_error": self._image_error,
+                "shared_mem_per_block_optin": self.shared_mem_optin,
                 "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+        info.update(self.pool_statistics())
+        return info
 
     def close(self) -> None:
-        self._staging.clear()
+        """Give the process's allocator and RMM resource back as they were,
+        so that the pool is freed once the last array of it is gone."""
+        with _live_lock:
+            if self not in _live:
+                return
+            _live.remove(self)
+        self._copier.close()
+        self.cupy.cuda.set_allocator(self._prev_allocator)
+        if self._mr is not None:
+            import rmm
+
+            rmm.mr.set_current_device_resource(self._prev_mr)
+        self._mr = self._mempool = None
+        shutil.rmtree(self._image_dir, ignore_errors=True)
 
 
 def _on(stream: Any, fn: Any, xp: Any, args: list) -> None:
@@ -222,9 +318,39 @@ def _on(stream: Any, fn: Any, xp: Any, args: list) -> None:
         fn(xp, *args)
 
 
-def _raw_launcher(raw: Any) -> CompiledKernel:
+def _raw_launcher(raw: Any, optin: int) -> CompiledKernel:
+    """Launch a RawKernel.  Past 48 KiB of shared memory per block (static
+    plus dynamic) a kernel must opt in first by raising its
+    ``max_dynamic_shared_size_bytes``, or the launch fails with
+    CUDA_ERROR_INVALID_VALUE.  Raised under a lock (setting the attribute is
+    not thread-safe) to the largest size asked so far."""
+    lock = threading.Lock()
+    state: dict[str, Any] = {"static": None, "allowed": None}
+
     def launch(launch: Launch, args: list, stream: Any) -> None:
-        raw(launch.grid, launch.block, tuple(args), shared_mem=launch.shared_mem,
-            stream=stream)
+        need = launch.shared_mem
+        if need and (state["allowed"] is None or need > state["allowed"]):
+            with lock:
+                opt_in_shared_memory(raw, need, optin, state)
+        raw(launch.grid, launch.block, tuple(args), shared_mem=need, stream=stream)
 
     return launch
+
+
+def opt_in_shared_memory(raw: Any, need: int, optin: int, state: dict[str, Any]) -> None:
+    """Make ``raw`` accept ``need`` bytes of dynamic shared memory, or say
+    why the device cannot.  ``state`` remembers the kernel's static shared
+    memory and what it accepts now."""
+    if state["static"] is None:
+        state["static"] = int(raw.shared_size_bytes)
+    static = state["static"]
+    if state["allowed"] is None:
+        state["allowed"] = max(0, DEFAULT_DYNAMIC_SHARED - static)
+    if need <= state["allowed"]:
+        return
+    if static + need > optin:
+        raise LaunchConfigError(
+            f"needs {need} bytes of dynamic shared memory per block on top of {static} "
+            f"static, more than the device's {optin}")
+    raw.max_dynamic_shared_size_bytes = need
+    state["allowed"] = need

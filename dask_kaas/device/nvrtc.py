@@ -40,6 +40,14 @@ def compile_source(source: str, name: str, options: Sequence[str] = (), arch: st
 
     Raises KernelDefinitionError with NVRTC's log on a compile error.
     """
+    return _compile(source, name, options, arch, output, name_expressions)[0]
+
+
+def _compile(source: str, name: str, options: Sequence[str], arch: str, output: str,
+             name_expressions: Sequence[str]) -> tuple[bytes, dict[str, str]]:
+    """The image and the lowered (mangled) name of each name expression."""
+    if output not in ("ptx", "cubin"):
+        raise KernelDefinitionError(f"unknown NVRTC output {output!r}", kernel=name)
     nvrtc = _nvrtc()
     err, prog = nvrtc.nvrtcCreateProgram(source.encode(), f"{name}.cu".encode(), 0, [], [])
     _check(err, "program creation", name)
@@ -66,9 +74,79 @@ def compile_source(source: str, name: str, options: Sequence[str] = (), arch: st
             buf = b" " * size
             (err,) = nvrtc.nvrtcGetCUBIN(prog, buf)
         _check(err, f"{output} output", name)
-        return buf.rstrip(b"\x00") if output == "ptx" else buf
+        lowered = {}
+        for expr in name_expressions:
+            err, low = nvrtc.nvrtcGetLoweredName(prog, expr.encode())
+            _check(err, f"lowered name of {expr!r}", name)
+            lowered[expr] = low.decode() if isinstance(low, bytes) else str(low)
+        return (buf.rstrip(b"\x00") if output == "ptx" else buf), lowered
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
+
+
+# -- which image a worker makes ------------------------------------------------
+
+def nvrtc_version() -> tuple[int, int]:
+    """The (major, minor) CUDA version of the NVRTC library loaded here."""
+    nvrtc = _nvrtc()
+    err, major, minor = nvrtc.nvrtcVersion()
+    _check(err, "version query", "?")
+    return int(major), int(minor)
+
+
+def supported_archs() -> tuple[int, ...]:
+    """The SM architectures this NVRTC can make a cubin for (e.g. 90)."""
+    nvrtc = _nvrtc()
+    err, archs = nvrtc.nvrtcGetSupportedArchs()
+    _check(err, "architecture query", "?")
+    return tuple(int(a) for a in archs)
+
+
+def cuda_version(encoded: int) -> tuple[int, int]:
+    """``cudaDriverGetVersion``'s 13000 -> (13, 0)."""
+    return int(encoded) // 1000, int(encoded) % 1000 // 10
+
+
+def choose_image(nvrtc: tuple[int, int], driver: tuple[int, int], arch: int,
+                 archs: Sequence[int]) -> tuple[str, int]:
+    """The image to compile for a device: ("cubin", arch) or ("ptx", arch).
+
+    A cubin holds machine code for exactly the device's architecture and
+    loads on any driver of NVRTC's CUDA major version or newer (CUDA minor
+    version compatibility).  PTX is compiled by the driver when the module
+    is loaded, and a driver reads only the PTX ISA of its own CUDA version or
+    older: NVRTC 13.5's PTX 9.5 fails on a CUDA 13.0 driver with
+    CUDA_ERROR_UNSUPPORTED_PTX_VERSION.  So: a cubin where NVRTC knows the
+    architecture, else PTX for the newest architecture it knows below the
+    device's, and only when NVRTC is no newer than the driver.
+    """
+    def ver(v: tuple[int, int]) -> str:
+        return f"{v[0]}.{v[1]}"
+
+    if nvrtc[0] > driver[0]:
+        raise KernelDefinitionError(
+            f"NVRTC {ver(nvrtc)} is newer than the driver's CUDA {ver(driver)}: neither its "
+            f"cubin nor its PTX loads there; install NVRTC {driver[0]}.x "
+            f"(nvidia-cuda-nvrtc=={driver[0]}.*) or a newer driver")
+    if arch in archs:
+        return "cubin", arch
+    older = [a for a in archs if a < arch]
+    if older and nvrtc <= driver:
+        return "ptx", max(older)
+    raise KernelDefinitionError(
+        f"NVRTC {ver(nvrtc)} cannot make a cubin for sm_{arch}"
+        + (f" and its PTX is newer than the driver's CUDA {ver(driver)}" if older else
+           " nor PTX for an older architecture")
+        + "; use an NVRTC that knows the device")
+
+
+def compile_for_device(kernel: Kernel, image: tuple[str, int]) -> tuple[bytes, str]:
+    """Compile a ``Kernel.cuda`` into the image :func:`choose_image` chose;
+    returns the image and the name of the function to load from it."""
+    output, arch = image
+    binary, lowered = _compile(kernel.source or "", kernel.name, kernel.options, str(arch),
+                               output, kernel.name_expressions)
+    return binary, lowered.get(kernel.name, kernel.name)
 
 
 def check_kernel(kernel: Kernel, arch: str = DEFAULT_ARCH) -> bytes:

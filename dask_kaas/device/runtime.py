@@ -31,6 +31,7 @@ from ..graph.errors import (
 )
 from ..graph.graph import KernelGraph
 from ..graph.launch import ArgRef
+from ..graph.validate import check_shared_memory
 from ..request import GraphRequest
 from .backend import Backend
 from .cache import DeviceCache, Load
@@ -204,6 +205,9 @@ class WorkerRuntime:
             return outputs
 
     def _launch_all(self, graph: KernelGraph, arrays: dict[str, Any], stream: Any) -> None:
+        shared_limit = self.backend.shared_mem_limit()
+        if shared_limit is not None:
+            check_shared_memory(graph, shared_limit)
         compiled = []
         for index, launch in enumerate(graph.launches):
             try:
@@ -217,7 +221,10 @@ class WorkerRuntime:
                         for a in launch.args]
                 try:
                     fn(launch, args, stream)
-                except KaasError:
+                except KaasError as e:
+                    if e.graph is None:  # raised by the backend's launcher: say where
+                        raise type(e)(e.detail, graph=graph.name, launch=index,
+                                      kernel=launch.kernel.name) from None
                     raise
                 except Exception as e:  # noqa: BLE001 - any failure of user code
                     if self.backend.is_fatal(e):

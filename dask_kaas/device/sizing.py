@@ -85,7 +85,10 @@ def size_device_memory(total: int, free: int, limit: Any = None, pool: Any = Non
     if pool is not None:
         pool_bytes = config.parse_memory(pool, total)
     elif cache_limit is not None:
-        pool_bytes = cache_limit + headroom.of(cache_limit)
+        # The smallest pool whose headroom leaves exactly the limit.
+        pool_bytes = max(cache_limit + headroom.minimum,
+                         math.ceil(cache_limit / (1 - headroom.fraction)))
+        pool_bytes = -(-pool_bytes // RMM_ALIGNMENT) * RMM_ALIGNMENT
     else:
         pool_bytes = int(total * default_fraction)
     pool_bytes = min(pool_bytes, free_aligned) // RMM_ALIGNMENT * RMM_ALIGNMENT

@@ -12,6 +12,7 @@ from .errors import (
     GraphError,
     GraphTooLargeError,
     InputMismatchError,
+    LaunchConfigError,
     MissingInputError,
     UnexpectedInputError,
     UninitializedReadError,
@@ -96,6 +97,17 @@ def check_capacity(graph: KernelGraph, capacity: int) -> None:
             f"{largest.nbytes} bytes)", graph=graph.name)
 
 
+def check_shared_memory(graph: KernelGraph, limit: int) -> None:
+    """Every launch's dynamic shared memory within a device's per-block
+    limit (its opt-in maximum: 227 KiB on Hopper, 99 KiB on sm_86/89)."""
+    for index, launch in enumerate(graph.launches):
+        if launch.shared_mem > limit:
+            raise LaunchConfigError(
+                f"asks for {launch.shared_mem} bytes of dynamic shared memory per block but "
+                f"the device allows at most {limit}", graph=graph.name, launch=index,
+                kernel=launch.kernel.name)
+
+
 def validate_graph(graph: KernelGraph, inputs: Mapping[str, Any] | None,
                    device_capacity: int | None) -> None:
     check_dataflow(graph)
@@ -106,4 +118,5 @@ def validate_graph(graph: KernelGraph, inputs: Mapping[str, Any] | None,
 
 
 __all__ = ["validate_graph", "check_dataflow", "check_inputs", "check_capacity",
+           "check_shared_memory",
            "BufferKind"]

@@ -72,12 +72,9 @@ class KaasWorkerPlugin(WorkerPlugin):
             "rmm-pool-size")
         backend = make_backend(self.backend or config.get("backend"),
                                device_memory_limit=limit, rmm_pool_size=pool)
-        if limit is None:
-            capacity = (config.CPU_DEFAULT_CAPACITY if backend.name == "cpu"
-                        else int(backend.physical_capacity() * config.GPU_DEFAULT_FRACTION))
-        else:
-            capacity = config.parse_memory(limit, backend.physical_capacity())
-        capacity = min(capacity, backend.pool_capacity(capacity))
+        # The CUDA backend sizes its RMM pool and keeps headroom for what the
+        # cache cannot account (device/sizing.py).
+        capacity = backend.cache_capacity(limit)
         self.runtime = WorkerRuntime(backend, capacity, slots, needed_soon=self.needed_soon)
         worker.handlers["kaas_worker_stats"] = self.handle_stats
         worker.handlers["kaas_worker_clear"] = self.handle_clear
