@@ -1,17 +1,30 @@
 """The CUDA backend on a real GPU (collected everywhere, run where one is).
 
 Every example and kernel form runs on the CUDA backend and is compared with
-the NumPy reference; eviction under a small RMM pool; keep_on_device
-chaining; several graphs at once on several streams.
+the NumPy reference; cross-stream hits on a large const; buffers larger
+than a staging chunk; more than 48 KiB of shared memory; eviction checked
+against RMM's own statistics; keep_on_device chaining; graphs overlapping on
+two streams, measured with CUDA events.  The decisions behind these paths
+are tested without a GPU in test_cuda_logic.py.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import threading
+
 import numpy as np
 import pytest
-from distributed import wait
 
-from dask_kaas import InOut, KaasClient, Kernel, KernelGraph, LocalKaasCluster, Out
+from dask_kaas import (
+    InOut,
+    KaasClient,
+    Kernel,
+    KernelDefinitionError,
+    KernelGraph,
+    LocalKaasCluster,
+    Out,
+)
 from dask_kaas.workloads import jacobi as jacobi_wl
 from dask_kaas.workloads import mlp
 from dask_kaas.workloads import sgemm as sgemm_wl
@@ -36,9 +49,16 @@ def gpu_client():
 def test_workers_run_the_cuda_backend_on_an_rmm_pool(gpu_client):
     info = gpu_client.kaas_stats()["workers"]
     assert info and all(w["backend"] == "cuda" for w in info.values())
+    rmm_installed = importlib.util.find_spec("rmm") is not None
     for w in info.values():
-        assert w["allocator"] in ("rmm", "cupy")
-        assert w["capacity_bytes"] <= w["pool_bytes"]
+        # Where RMM is installed, falling back to CuPy's pool is a failure.
+        assert w["allocator"] == ("rmm" if rmm_installed else "cupy"), w["allocator_note"]
+        assert w["capacity_bytes"] + w["headroom_bytes"] <= w["pool_bytes"]
+        assert w["headroom_bytes"] >= 256 * 2**20
+        assert w["kernel_image"] and w["kernel_image_error"] is None
+        assert w["shared_mem_per_block_optin"] >= 48 * 1024
+        if rmm_installed:
+            assert 0 <= w["pool_used_bytes"] <= w["pool_peak_bytes"] <= w["pool_bytes"]
 
 
 def test_examples_on_the_gpu(gpu_client):
@@ -65,6 +85,7 @@ def test_every_kernel_form(gpu_client, tmp_path):
     src = sgemm_wl.SGEMM_SOURCE
     ptx = tmp_path / "sgemm.ptx"
     ptx.write_bytes(compile_source(src, "sgemm", arch=_arch(gpu_client), output="ptx"))
+    ptx_loads = _ptx_loads(gpu_client)
     cubin = tmp_path / "sgemm.cubin"
     cubin.write_bytes(compile_source(src, "sgemm", arch=_arch(gpu_client), output="cubin"))
     templ = Kernel.cuda(
@@ -79,8 +100,17 @@ def test_every_kernel_form(gpu_client, tmp_path):
     dims = [np.int32(n), np.int32(n), np.int32(n)]
     grid, block = ((n + 15) // 16, (n + 15) // 16), (16, 16)
     g.launch(sgemm_wl.sgemm, [X, B, Out(outs["src"]), *dims], grid=grid, block=block)
-    g.launch(Kernel.cuda_file(ptx, "sgemm"), [X, B, Out(outs["ptx"]), *dims], grid=grid,
-             block=block)
+    if ptx_loads:
+        g.launch(Kernel.cuda_file(ptx, "sgemm"), [X, B, Out(outs["ptx"]), *dims], grid=grid,
+                 block=block)
+    else:  # NVRTC newer than the driver: its PTX cannot load, and says so
+        g.launch(Kernel.library("gemm"), [X, B, Out(outs["ptx"])])
+        bad = KernelGraph("ptx-too-new")
+        bx, bb = bad.input("x", (n, n), np.float32), bad.const("b", (n, n), np.float32)
+        bad.launch(Kernel.cuda_file(ptx, "sgemm"), [bx, bb, Out(bad.output("o", (n, n),
+                   np.float32)), *dims], grid=grid, block=block)
+        with pytest.raises(KernelDefinitionError, match="cannot load ptx image"):
+            gpu_client.submit_kernel_graph(bad, {"x": x, "b": b}).result()
     g.launch(Kernel.cuda_file(cubin, "sgemm"), [X, B, Out(outs["cubin"]), *dims], grid=grid,
              block=block)
     g.launch(Kernel.library("gemm"), [X, B, Out(outs["lib"])])
@@ -97,6 +127,15 @@ def test_every_kernel_form(gpu_client, tmp_path):
 def _arch(client) -> str:
     (w,) = list(client.kaas_stats()["workers"].values())[:1]
     return w["compute_capability"]
+
+
+def _ptx_loads(client) -> bool:
+    """Whether this NVRTC's PTX is one the workers' driver can read."""
+    from dask_kaas.device.nvrtc import nvrtc_version
+
+    (w,) = list(client.kaas_stats()["workers"].values())[:1]
+    driver = tuple(int(p) for p in w["driver_cuda_version"].split("."))
+    return nvrtc_version() <= driver
 
 
 def test_shared_memory_and_literal_dtypes(gpu_client):
@@ -141,46 +180,85 @@ def test_keep_on_device_chain_stays_on_one_gpu_worker(gpu_client):
     assert len({who[f.key][0] for f in futs}) == 1
 
 
-def sleep_kernel_graph():
-    src = r"""
-    extern "C" __global__ void spin(float* y, long long cycles) {
-        long long start = clock64();
-        while (clock64() - start < cycles) { }
-        y[threadIdx.x] = 1.0f;
-    }"""
-    g = KernelGraph("spin")
+SPIN_SOURCE = r"""
+extern "C" __global__ void spin(float* y, long long cycles) {
+    long long start = clock64();
+    while (clock64() - start < cycles) { }
+    y[threadIdx.x] = 1.0f;
+}"""
+
+#: CUDA events recorded by the mark kernel, by graph tag.
+EVENTS: dict[int, list] = {}
+
+
+def mark(xp, y, tag):
+    """An array kernel runs on its slot's stream: record an event there."""
+    event = xp.cuda.Event()
+    event.record()
+    EVENTS.setdefault(int(tag), []).append(event)
+
+
+def spin_graph(tag: int) -> KernelGraph:
+    g = KernelGraph(f"spin-{tag}")
     x = g.input("x", (32,), np.float32)
     y = g.output("y", (32,), np.float32)
     g.launch(Kernel.library("copy"), [x, Out(y)])
-    g.launch(Kernel.cuda(src, "spin"), [InOut(y), np.int64(50_000_000)], grid=1, block=32)
+    g.launch(Kernel.array(mark), [InOut(y), np.int32(tag)])
+    g.launch(Kernel.cuda(SPIN_SOURCE, "spin"), [InOut(y), np.int64(50_000_000)], grid=1,
+             block=32)
+    g.launch(Kernel.array(mark), [InOut(y), np.int32(tag)])
     return g
 
 
-def test_graphs_overlap_on_several_streams(gpu_client):
-    g = sleep_kernel_graph()
-    futs = gpu_client.map_kernel_graph(g, [{"x": np.zeros(32, np.float32)}] * 8)
-    wait(futs)
-    for f in futs:
-        np.testing.assert_array_equal(f.result()["y"], np.ones(32, np.float32))
-    runs = gpu_client.kaas_state()["timeline"]
-    by_worker: dict[str, list] = {}
-    for r in runs:
-        if r["graph"] == "spin":
-            by_worker.setdefault(r["worker"], []).append((r["start"], r["end"]))
-    overlaps = 0
-    for spans in by_worker.values():
-        spans.sort()
-        overlaps += sum(1 for a, b in zip(spans, spans[1:]) if b[0] < a[1])
-    assert overlaps >= 1, by_worker
+def test_two_slots_run_graphs_at_the_same_time_on_the_gpu():
+    """Measured on the GPU with CUDA events, not with host clocks."""
+    import cupy
+
+    from dask_kaas.device.cuda import CudaBackend
+    from dask_kaas.device.runtime import WorkerRuntime
+    from dask_kaas.request import GraphRequest, InputRef
+
+    backend = CudaBackend(device_memory_limit="512MB")
+    rt = WorkerRuntime(backend, backend.cache_capacity(), slots=2)
+    try:
+        EVENTS.clear()
+        ref = cupy.cuda.Event()
+        ref.record()
+        ref.synchronize()
+        results = {}
+
+        def run(tag):
+            req = GraphRequest(f"spin-{tag}", f"spin-{tag}", "t", [InputRef("x", 128, None)])
+            results[tag] = rt.run(spin_graph(tag), req, [np.zeros(32, np.float32)])[0]["y"]
+
+        threads = [threading.Thread(target=run, args=(t,)) for t in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        for tag in (0, 1):
+            np.testing.assert_array_equal(results[tag], np.ones(32, np.float32))
+        spans = {tag: [cupy.cuda.get_elapsed_time(ref, e) for e in EVENTS[tag]]
+                 for tag in (0, 1)}
+        (s0, e0), (s1, e1) = spans[0], spans[1]
+        overlap = min(e0, e1) - max(s0, s1)
+        assert overlap > 0.5 * min(e0 - s0, e1 - s1), spans
+    finally:
+        rt.close()
 
 
-def test_eviction_under_a_small_pool():
+def test_eviction_under_a_small_pool_frees_what_rmm_counts():
     with LocalKaasCluster(1, backend="cuda", device_memory_limit="96MB",
                           dashboard_address="127.0.0.1:0") as cluster, \
             KaasClient(cluster) as client:
         batch, d_in, hidden, d_out = 16, 1024, 2048, 1024  # 16 MiB of weights per model
         models = [mlp.make_model(f"t{i}", d_in, hidden, d_out, seed=i) for i in range(8)]
         graph = mlp.mlp_graph(batch, d_in, hidden, d_out)
+        warm = client.submit_kernel_graph(graph, mlp.inputs_for(models[0], f32(batch, d_in)))
+        warm.result()
+        client.kaas_clear_caches()
+        (base,) = client.kaas_stats()["workers"].values()
+        assert base["entries"] == 0
         futs = {}
         for model, x in mlp.requests(models, 32, batch, d_in):
             futs[client.submit_kernel_graph(graph, mlp.inputs_for(model, x),
@@ -190,6 +268,106 @@ def test_eviction_under_a_small_pool():
                                        atol=1e-3)
         (w,) = client.kaas_stats()["workers"].values()
         assert w["evictions"] > 0 and w["peak_used_bytes"] <= w["capacity_bytes"]
+        # RMM's own count of live bytes is what the cache says it holds (the cache
+        # rounds each buffer up to 256 bytes): evicted buffers were really freed.
+        live = w["pool_used_bytes"] - base["pool_used_bytes"]
+        assert w["used_bytes"] - 256 * w["entries"] <= live <= w["used_bytes"], w
+        assert w["pool_peak_bytes"] <= w["pool_bytes"]
+        client.kaas_clear_caches()
+        (after,) = client.kaas_stats()["workers"].values()
+        assert after["pool_used_bytes"] == base["pool_used_bytes"]
+
+
+def gemm_graph(m: int, k: int, n: int) -> KernelGraph:
+    g = KernelGraph(f"gemm-{m}x{k}x{n}")
+    x = g.input("x", (m, k), np.float32)
+    w = g.const("w", (k, n), np.float32)
+    y = g.output("y", (m, n), np.float32)
+    g.launch(Kernel.library("gemm"), [x, w, Out(y)])
+    return g
+
+
+def test_cross_stream_hits_on_a_large_const_read_it_whole(gpu_client):
+    """The first request of a burst loads the 40 MiB const on one slot's
+    stream; the next, on the other slot, hits it while that copy may still
+    be in flight.  Five bursts of 40 requests, every result checked."""
+    k, n = 2560, 4096  # 40 MiB of float32
+    w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    graph = gemm_graph(8, k, n)
+    (info,) = list(gpu_client.kaas_stats()["workers"].values())[:1]
+    assert info["slots"] == 2
+    for burst in range(5):
+        gpu_client.kaas_clear_caches()
+        xs = [f32(8, k) for _ in range(40)]
+        futs = gpu_client.map_kernel_graph(graph, [{"x": x, "w": w} for x in xs])
+        for x, f in zip(xs, futs):
+            np.testing.assert_allclose(f.result()["y"], x @ w, rtol=1e-3, atol=1e-3,
+                                       err_msg=f"burst {burst}")
+
+
+def test_buffers_larger_than_a_staging_chunk_arrive_whole(gpu_client):
+    from dask_kaas.device.staging import CHUNK
+
+    n = 2 * CHUNK + 4097  # three chunks, the last one short and odd
+    data = rng.integers(0, 256, n, dtype=np.uint8)
+    g = KernelGraph("big-copy")
+    a = g.input("a", (n,), np.uint8)
+    c = g.const("c", (n,), np.uint8)
+    oa, oc = g.output("oa", (n,), np.uint8), g.output("oc", (n,), np.uint8)
+    g.launch(Kernel.library("copy"), [a, Out(oa)])
+    g.launch(Kernel.library("copy"), [c, Out(oc)])
+    other = data[::-1].copy()
+    out = gpu_client.submit_kernel_graph(g, {"a": data, "c": other}).result()
+    np.testing.assert_array_equal(out["oa"], data)  # per-request input
+    np.testing.assert_array_equal(out["oc"], other)  # cached const
+
+
+TILE_SUM_SOURCE = r"""
+extern "C" __global__ void tile_sum(const double* x, double* out, int per_block) {
+    extern __shared__ double tile[];
+    const double* mine = x + (long long)blockIdx.x * per_block;
+    for (int i = threadIdx.x; i < per_block; i += blockDim.x) tile[i] = mine[i];
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double s = 0.0;
+        for (int i = 0; i < per_block; ++i) s += tile[i];
+        out[blockIdx.x] = s;
+    }
+}"""
+
+
+def test_a_launch_with_more_than_48_kib_of_shared_memory(gpu_client):
+    per_block, blocks = 100 * 1024 // 8, 64  # 100 KiB of dynamic shared memory per block
+    g = KernelGraph("tile-sum")
+    x = g.input("x", (blocks * per_block,), np.float64)
+    out = g.output("out", (blocks,), np.float64)
+    g.launch(Kernel.cuda(TILE_SUM_SOURCE, "tile_sum"), [x, Out(out), np.int32(per_block)],
+             grid=blocks, block=256, shared_mem=per_block * 8)
+    xv = rng.random(blocks * per_block)
+    res = gpu_client.submit_kernel_graph(g, {"x": xv}).result()["out"]
+    np.testing.assert_allclose(res, xv.reshape(blocks, per_block).sum(axis=1), rtol=1e-12)
+
+
+WILD_SOURCE = r"""
+extern "C" __global__ void wild(float* y) {
+    float* nowhere = (float*)0x10;
+    y[threadIdx.x] = nowhere[threadIdx.x * 4096];
+}"""
+
+
+def test_an_illegal_address_is_a_device_fault_of_that_request():
+    from dask_kaas import DeviceFaultError
+
+    with LocalKaasCluster(1, backend="cuda", device_memory_limit="256MB",
+                          dashboard_address="127.0.0.1:0") as cluster, \
+            KaasClient(cluster) as client:
+        g = KernelGraph("wild")
+        x = g.input("x", (32,), np.float32)
+        y = g.output("y", (32,), np.float32)
+        g.launch(Kernel.library("copy"), [x, Out(y)])
+        g.launch(Kernel.cuda(WILD_SOURCE, "wild"), [InOut(y)], grid=1, block=32)
+        with pytest.raises(DeviceFaultError, match="graph 'wild'.*(illegal|Illegal|ILLEGAL)"):
+            client.submit_kernel_graph(g, {"x": np.zeros(32, np.float32)}).result()
 
 
 def test_two_workers_share_one_gpu():

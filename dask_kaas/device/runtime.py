@@ -89,7 +89,7 @@ class WorkerRuntime:
     def stats(self) -> dict[str, Any]:
         snap = self.cache.snapshot()
         snap.update(graphs_run=self.graphs_run, errors=self.errors, running=self.running,
-                    slots=self.slots, kernels_compiled=self.kernels.compiles,
+                    slots=self.slots, kernels_compiled=self.kernels.compiles, broken=self.broken,
                     **self.backend.describe())
         return snap
 
