@@ -10,12 +10,15 @@ Three figures, each against a baseline measured in the same run:
   plain Dask round trip (target: at most 10% more).
 
 Run ``python -m dask_kaas.bench.gpu --json gpu.json`` (or ``dask-kaas
-bench-gpu``) on a machine with a GPU.
+bench-gpu``) on a machine with a GPU.  The first two figures share one CUDA
+backend with a fixed pool, closed before the cluster of the third starts, so
+no two RMM pools compete for the device.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -42,10 +45,9 @@ def _median_time(fn: Any, repeat: int) -> float:
     return statistics.median(times)
 
 
-def launch_overhead(launches: int = 400, repeat: int = 15) -> dict[str, float]:
+def launch_overhead(backend: Any, launches: int = 400, repeat: int = 15) -> dict[str, float]:
     import cupy
 
-    from ..device.backend import make_backend
     from ..device.runtime import WorkerRuntime
     from ..graph import InOut, Kernel, KernelGraph, Out
     from ..request import GraphRequest, InputRef
@@ -62,7 +64,7 @@ def launch_overhead(launches: int = 400, repeat: int = 15) -> dict[str, float]:
             g.launch(kernel, [InOut(y), np.int32(n)], grid=(n + 255) // 256, block=256)
         return g
 
-    rt = WorkerRuntime(make_backend("cuda"), 1 << 30, slots=1)
+    rt = WorkerRuntime(backend, 1 << 30, slots=1)
     xv = np.zeros(n, np.float32)
     g1, gk = graph(1), graph(launches + 1)
 
@@ -84,19 +86,18 @@ def launch_overhead(launches: int = 400, repeat: int = 15) -> dict[str, float]:
 
     direct()
     base = _median_time(direct, repeat) / launches
-    rt.close()
+    rt.cache.close()  # not rt.close(): the backend is shared
     return {"per_launch_us": in_graph * 1e6, "cupy_per_launch_us": base * 1e6,
             "ratio": in_graph / base}
 
 
-def miss_bandwidth(nbytes: int = 256 << 20, repeat: int = 7) -> dict[str, float]:
+def miss_bandwidth(backend: Any, nbytes: int = 256 << 20, repeat: int = 7
+                   ) -> dict[str, float]:
     import cupy
     import cupyx
 
-    from ..device.backend import make_backend
     from ..device.cache import DeviceCache, Load
 
-    backend = make_backend("cuda")
     cache = DeviceCache(backend, 2 * nbytes + (64 << 20))
     host = np.random.default_rng(0).random(nbytes // 8)
     stream = backend.make_streams(1)[0]
@@ -120,6 +121,7 @@ def miss_bandwidth(nbytes: int = 256 << 20, repeat: int = 7) -> dict[str, float]
 
     plain()
     t_plain = _median_time(plain, repeat)
+    cache.close()
     return {"bytes": nbytes, "miss_gb_s": nbytes / t_miss / 1e9,
             "pinned_memcpy_gb_s": nbytes / t_plain / 1e9, "fraction": t_plain / t_miss}
 
@@ -178,7 +180,17 @@ def run(args: argparse.Namespace) -> int:
     if gpu_count() == 0:
         print("no CUDA GPU is visible: the GPU micro-benchmark needs one", file=sys.stderr)
         return 2
-    doc = {"launch": launch_overhead(), "bandwidth": miss_bandwidth(), "end_to_end": end_to_end()}
+    from ..device.backend import make_backend
+
+    backend = make_backend("cuda", rmm_pool_size="4GiB")
+    try:
+        doc: dict[str, Any] = {"device": backend.describe(),
+                               "launch": launch_overhead(backend),
+                               "bandwidth": miss_bandwidth(backend)}
+    finally:
+        backend.close()
+    gc.collect()  # the pool goes with its last array
+    doc["end_to_end"] = end_to_end()
     la, bw, e2e = doc["launch"], doc["bandwidth"], doc["end_to_end"]
     print(f"per-launch overhead: {la['per_launch_us']:.2f} us in a graph vs "
           f"{la['cupy_per_launch_us']:.2f} us direct CuPy ({la['ratio']:.2f}x; target <= 1.2x)")
