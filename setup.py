@@ -28,12 +28,19 @@ setup(
             "hypothesis>=6.90",
             "playwright>=1.40",
             "matplotlib>=3.7",
-            "cuda-bindings>=12.8",
-            "nvidia-cuda-nvrtc>=12.8",
+            # NVRTC checks every shipped CUDA source without a GPU (tests/test_nvrtc.py);
+            # the cuda12/cuda13 extras narrow these to one CUDA major version.
+            "cuda-bindings>=12.8,<14",
+            "nvidia-cuda-nvrtc>=13.0,<14",
         ],
         "bench": ["matplotlib>=3.7"],
-        "cuda12": ["cupy-cuda12x>=13.3", "rmm-cu12>=24.10"],
-        "cuda13": ["cupy-cuda13x>=14.0", "rmm-cu13>=25.10"],
+        # Workers compile CUDA C with NVRTC into a cubin for their device, which
+        # loads on any driver of the same CUDA major version (PTX would need a
+        # driver at least as new as NVRTC): NVRTC's major version is pinned.
+        "cuda12": ["cupy-cuda12x>=13.3", "rmm-cu12>=24.10", "cuda-bindings>=12.8,<13",
+                   "nvidia-cuda-nvrtc-cu12>=12.8,<13"],
+        "cuda13": ["cupy-cuda13x>=14.0", "rmm-cu13>=25.10", "cuda-bindings>=13.0.1,<14",
+                   "nvidia-cuda-nvrtc>=13.0,<14"],
     },
     entry_points={"console_scripts": ["dask-kaas=dask_kaas.cli:main"]},
     classifiers=[
