@@ -74,8 +74,7 @@ class CudaBackend(Backend):
         try:
             self._start(cupy, cupyx, device_memory_limit, rmm_pool_size, headroom)
         except BaseException:
-            with _live_lock:
-                _live.remove(self)
+            self.close()
             raise
 
     def _start(self, cupy: Any, cupyx: Any, limit: Any, pool: Any,
@@ -303,14 +302,18 @@ class CudaBackend(Backend):
             if self not in _live:
                 return
             _live.remove(self)
-        self._copier.close()
-        self.cupy.cuda.set_allocator(self._prev_allocator)
-        if self._mr is not None:
+        # Also called when __init__ failed half way: undo what was done.
+        if getattr(self, "_copier", None) is not None:
+            self._copier.close()
+        if getattr(self, "_prev_allocator", None) is not None:
+            self.cupy.cuda.set_allocator(self._prev_allocator)
+        if getattr(self, "_mr", None) is not None:
             import rmm
 
             rmm.mr.set_current_device_resource(self._prev_mr)
         self._mr = self._mempool = None
-        shutil.rmtree(self._image_dir, ignore_errors=True)
+        if getattr(self, "_image_dir", None):
+            shutil.rmtree(self._image_dir, ignore_errors=True)
 
 
 def _on(stream: Any, fn: Any, xp: Any, args: list) -> None:
