@@ -27,6 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     p_gpu = sub.add_parser("bench-gpu", help="GPU micro-benchmark (needs a GPU)")
     bench_gpu.add_arguments(p_gpu)
     p_gpu.set_defaults(func=bench_gpu.run)
+    from .gateway import cli as gateway_cli
+
+    p_gw = sub.add_parser("gateway", help="authenticated KServe v2 HTTP gateway for tenants")
+    gateway_cli.add_arguments(p_gw)
+    p_gw.set_defaults(func=gateway_cli.run)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

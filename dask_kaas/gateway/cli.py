@@ -1,0 +1,84 @@
+"""``dask-kaas gateway`` (also ``python -m dask_kaas.gateway``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import ssl
+import sys
+
+from dask.utils import parse_bytes, parse_timedelta
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scheduler", required=True, help="address of the cluster's scheduler")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
+    p.add_argument("--tenants", required=True, help="tenants file (YAML); SIGHUP re-reads it")
+    p.add_argument("--tls-cert", default=None, help="certificate (PEM) to serve HTTPS")
+    p.add_argument("--tls-key", default=None, help="private key (PEM) of --tls-cert")
+    p.add_argument("--max-body-size", default="64MiB", help="largest request body")
+    p.add_argument("--request-timeout", default="30s",
+                   help="longest an inference request may take (504 past it)")
+    p.add_argument("--max-models", type=int, default=64, help="models per tenant")
+    p.add_argument("--max-const-bytes", default="1GiB", help="const bytes per tenant")
+    p.add_argument("--submit-threads", type=int, default=4,
+                   help="threads that submit graphs to the cluster")
+
+
+def ssl_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    if not cert and not key:
+        return None
+    if not cert or not key:
+        raise ValueError("--tls-cert and --tls-key go together")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..client import KaasClient
+    from ..graph.errors import KaasError
+    from .app import Gateway
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s "
+                                                   "%(message)s")
+    try:
+        tls = ssl_context(args.tls_cert, args.tls_key)
+        max_body = parse_bytes(args.max_body_size)
+        timeout = parse_timedelta(args.request_timeout, default="s")
+        max_const = parse_bytes(args.max_const_bytes)
+    except (ValueError, OSError, TypeError, KeyError) as e:
+        print(f"dask-kaas gateway: {e}", file=sys.stderr)
+        return 2
+    client = KaasClient(args.scheduler, set_as_default=False)
+    try:
+        gateway = Gateway(client, args.tenants, max_body_size=max_body,
+                          request_timeout=timeout, max_models=args.max_models,
+                          max_const_bytes=max_const, submit_threads=args.submit_threads)
+    except (KaasError, ValueError) as e:
+        client.close()
+        print(f"dask-kaas gateway: {e}", file=sys.stderr)
+        return 2
+    try:  # install the plugins and see the workers now, not on the first request
+        client.kaas_stats()
+    except KaasError as e:
+        logging.getLogger(__name__).warning("cluster not ready yet: %s", e)
+
+    def announce(address: str) -> None:
+        print(f"dask-kaas gateway serving {address}", flush=True)
+
+    try:
+        asyncio.run(gateway.serve(args.host, args.port, tls, on_listen=announce))
+    finally:
+        client.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dask-kaas gateway",
+        description="authenticated KServe v2 HTTP gateway in front of a dask_kaas cluster")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

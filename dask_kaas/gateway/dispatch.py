@@ -1,0 +1,127 @@
+"""Running requests on the cluster without blocking the gateway's event loop.
+
+The gateway holds one ordinary (synchronous) :class:`~dask_kaas.KaasClient`,
+whose Dask event loop runs in its own thread, and serves HTTP on a second
+event loop in the main thread.  Why not one loop with ``asynchronous=True``:
+``submit_kernel_graph`` calls the scheduler synchronously inside
+(``_ClientState.ensure``/``refresh`` use ``client.sync`` for the plugin
+registration and the worker-info RPC, and a const's first use calls
+``client.scatter``); on an asynchronous client those calls return
+coroutines instead of results, and on the client's own loop thread they
+would deadlock.  So:
+
+* ``submit_kernel_graph`` runs in a small thread pool (it returns as soon as
+  the graph is sent; only its occasional scheduler RPCs block, and they block
+  a pool thread, not the HTTP loop);
+* the result is awaited *on the client's loop* with
+  ``client.gather(future, asynchronous=True)`` handed over by
+  ``asyncio.run_coroutine_threadsafe``: no thread waits per request, so
+  thousands of requests may be in flight;
+* on timeout or when the HTTP caller goes away the Dask future is cancelled
+  the same way (``client.cancel(..., asynchronous=True)``), so an abandoned
+  request that has not started never runs.
+
+Admission (``max_in_flight`` per tenant, 429) is counted here too, on the
+HTTP loop thread only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from distributed import Future
+
+from ..client import KaasClient
+from ..device.handles import DeviceArray
+from ..graph.graph import KernelGraph
+from .errors import GatewayTimeoutError, TooManyRequestsError
+from .tenants import Principal
+
+logger = logging.getLogger(__name__)
+
+
+class Dispatcher:
+    def __init__(self, client: KaasClient, submit_threads: int = 4) -> None:
+        self.client = client
+        self.pool = concurrent.futures.ThreadPoolExecutor(
+            submit_threads, thread_name_prefix="kaas-gateway-submit")
+        self.in_flight: dict[str, int] = {}
+
+    # -- admission ---------------------------------------------------------
+    def admit(self, tenant: Principal) -> None:
+        n = self.in_flight.get(tenant.name, 0)
+        if n >= tenant.max_in_flight:
+            raise TooManyRequestsError(f"tenant {tenant.name!r} has {n} requests in flight, "
+                                       f"its max_in_flight; retry later")
+        self.in_flight[tenant.name] = n + 1
+
+    def release(self, tenant: Principal) -> None:
+        n = self.in_flight.get(tenant.name, 1) - 1
+        if n <= 0:
+            self.in_flight.pop(tenant.name, None)
+        else:
+            self.in_flight[tenant.name] = n
+
+    # -- running -----------------------------------------------------------
+    async def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """A blocking client call (weights, policy, caches) off the HTTP loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, lambda: fn(*args, **kwargs))
+
+    async def run(self, graph: KernelGraph, inputs: Mapping[str, Any], tenant: str,
+                  weight: float, timeout_s: float) -> dict[str, np.ndarray]:
+        """Run ``graph`` for ``tenant``; its outputs as host arrays.
+
+        Raises GatewayTimeoutError past ``timeout_s`` (counted from now, so
+        the submission counts too) and the graph's own KaasError if it fails.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        submitted = loop.run_in_executor(self.pool, lambda: self.client.submit_kernel_graph(
+            graph, inputs, tenant=tenant, weight=weight))
+        try:
+            fut: Future = await asyncio.wait_for(asyncio.shield(submitted), timeout_s)
+        except (asyncio.TimeoutError, asyncio.CancelledError) as e:
+            # the submission may still go through: cancel what it makes
+            submitted.add_done_callback(self._cancel_when_submitted)
+            if isinstance(e, asyncio.TimeoutError):
+                raise self._timeout(graph, timeout_s) from None
+            raise
+        gathered = asyncio.run_coroutine_threadsafe(
+            self.client.gather(fut, asynchronous=True), self.client.loop.asyncio_loop)
+        try:
+            out = await asyncio.wait_for(asyncio.wrap_future(gathered),
+                                         max(deadline - loop.time(), 0.0))
+        except (asyncio.TimeoutError, asyncio.CancelledError) as e:
+            gathered.cancel()
+            self.cancel(fut)
+            if isinstance(e, asyncio.TimeoutError):
+                raise self._timeout(graph, timeout_s) from None
+            raise
+        return {k: np.asarray(v.get() if isinstance(v, DeviceArray) else v)
+                for k, v in out.items()}
+
+    @staticmethod
+    def _timeout(graph: KernelGraph, timeout_s: float) -> GatewayTimeoutError:
+        return GatewayTimeoutError(f"request did not finish within {timeout_s:g} s",
+                                   graph=graph.name)
+
+    def cancel(self, fut: Future) -> None:
+        """Cancel a request's Dask future without blocking this thread."""
+        try:
+            asyncio.run_coroutine_threadsafe(self.client.cancel([fut], asynchronous=True),
+                                             self.client.loop.asyncio_loop)
+        except RuntimeError:  # the client's loop is closed: nothing left to cancel
+            pass
+
+    def _cancel_when_submitted(self, submitted: asyncio.Future) -> None:
+        if not submitted.cancelled() and submitted.exception() is None:
+            self.cancel(submitted.result())
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
