@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from ..client import KaasClient
     from ..graph.errors import KaasError
     from .app import Gateway
+    from .tenants import TenantBook
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s "
                                                    "%(message)s")
@@ -49,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
         max_body = parse_bytes(args.max_body_size)
         timeout = parse_timedelta(args.request_timeout, default="s")
         max_const = parse_bytes(args.max_const_bytes)
-    except (ValueError, OSError, TypeError, KeyError) as e:
+        TenantBook.load(args.tenants)  # refuse a bad file before connecting
+    except (ValueError, OSError, TypeError, KeyError, KaasError) as e:
         print(f"dask-kaas gateway: {e}", file=sys.stderr)
         return 2
     client = KaasClient(args.scheduler, set_as_default=False)

@@ -68,7 +68,7 @@ def tensor_from_json(data: Any, buf: Buffer, model: str) -> np.ndarray:
     if arr.size == 0:
         return np.zeros(buf.shape, buf.dtype)
     kind, target = arr.dtype.kind, buf.dtype
-    allowed = {"b": "b", "i": "biu", "u": "biu", "f": "biuf"}.get(target.kind, "")
+    allowed = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}.get(target.kind, "")
     if kind not in allowed:
         what = {"U": "strings", "O": "non-numbers or out-of-range integers", "b": "booleans",
                 "f": "non-integers"}.get(kind, f"values of kind {kind!r}")
@@ -76,7 +76,7 @@ def tensor_from_json(data: Any, buf: Buffer, model: str) -> np.ndarray:
                                      f"{kserve_datatype(target)}")
     if target.kind in "iu":
         info = np.iinfo(target)
-        if kind != "b" and (int(arr.min()) < info.min or int(arr.max()) > info.max):
+        if int(arr.min()) < info.min or int(arr.max()) > info.max:
             raise _fail(model, buf.name, f"a value is out of range for "
                                          f"{kserve_datatype(target)}")
     elif target.kind == "f" and kind == "f":
