@@ -42,6 +42,9 @@ class Gateway:
         self.tenants_path = os.fspath(tenants_path)
         self.tenants = TenantBook.load(self.tenants_path)
         self.max_body_size = int(max_body_size)
+        #: bodies up to this size are read and dropped after a 413 so the caller
+        #: gets its answer; larger ones are answered at once and the connection closed
+        self.drain_limit = 2 * self.max_body_size + (1 << 20)
         self.request_timeout = float(request_timeout)
         self.registry = ModelRegistry(max_models, max_const_bytes)
         self.dispatcher = Dispatcher(client, submit_threads)
@@ -77,10 +80,8 @@ class Gateway:
                ssl_options: ssl.SSLContext | None = None) -> str:
         """Bind and start serving on the running loop; the bound address."""
         sockets = bind_sockets(port, address=host)
-        # Bodies up to twice the limit are read and dropped after the 413 so
-        # the caller gets its answer; larger ones close the connection.
         self.server = HTTPServer(self.make_app(), ssl_options=ssl_options,
-                                 max_body_size=2 * self.max_body_size + (1 << 20),
+                                 max_body_size=self.drain_limit,
                                  idle_connection_timeout=300, body_timeout=120,
                                  xheaders=False)
         self.server.add_sockets(sockets)

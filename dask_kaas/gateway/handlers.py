@@ -129,7 +129,9 @@ class BodyHandler(BaseHandler):
         if length is not None:
             if not length.strip().isdigit():
                 raise BadRequestError("Content-Length must be a non-negative integer")
-            if int(length) > self.gw.max_body_size:
+            # A body up to the drain limit is read (and dropped past max_body_size)
+            # before the 413, so the caller is not cut off while it still sends.
+            if int(length) > self.gw.drain_limit:
                 raise self._too_large(int(length))
 
     def data_received(self, chunk: bytes) -> None:
