@@ -260,12 +260,12 @@ def test_malformed_infer_bodies_get_400_with_message(gw, case):
     assert status == 400 and isinstance(doc["error"], str) and doc["error"], doc
 
 
-@pytest.mark.parametrize("value", ["100000", "-5", "abc", "0x10", " ", "1e3", "99999999999999999999"])
+@pytest.mark.parametrize("value", ["100000", "-5", "abc", "0x10", " ", "1e3",
+                                   "99999999999999999999"])
 def test_lying_inference_header_length(gw, value):
     body, headers = binary_infer({"Inference-Header-Content-Length": value})
     status, doc = gw.json("POST", "/v2/models/layer/infer", body, TOKENS["alice"], headers)
-    assert status == 400 and "Inference-Header-Content-Length" in doc["error"] or \
-        "JSON" in doc["error"], doc
+    assert status == 400 and "Inference-Header-Content-Length" in doc["error"], doc
 
 
 def test_binary_body_checks(gw):
