@@ -263,6 +263,7 @@ def test_malformed_infer_bodies_get_400_with_message(gw, case):
 @pytest.mark.parametrize("value", ["100000", "-5", "abc", "0x10", " ", "1e3",
                                    "99999999999999999999"])
 def test_lying_inference_header_length(gw, value):
+    register(gw, "alice", "layer", layer_graph(), {"w": W, "b": B})
     body, headers = binary_infer({"Inference-Header-Content-Length": value})
     status, doc = gw.json("POST", "/v2/models/layer/infer", body, TOKENS["alice"], headers)
     assert status == 400 and "Inference-Header-Content-Length" in doc["error"], doc
