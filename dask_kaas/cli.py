@@ -32,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     p_gw = sub.add_parser("gateway", help="authenticated KServe v2 HTTP gateway for tenants")
     gateway_cli.add_arguments(p_gw)
     p_gw.set_defaults(func=gateway_cli.run)
+    from .bench import gateway as bench_gateway
+
+    p_bgw = sub.add_parser("bench-gateway", help="load and overhead of the KServe gateway")
+    bench_gateway.add_arguments(p_bgw)
+    p_bgw.set_defaults(func=bench_gateway.run)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -1,0 +1,224 @@
+"""``dask-kaas bench-gateway``: the KServe gateway under load.
+
+It starts a LocalKaasCluster and a gateway *process* (as in production),
+registers one MLP model per tenant over HTTP, then
+
+1. measures the latency of single requests, one at a time, through the
+   gateway (``tritonclient.http``, binary tensors) and directly with a
+   ``KaasClient`` on the same cluster, interleaved, and reports the p50 of
+   each and their ratio (the gateway's overhead);
+2. runs ``--clients`` concurrent HTTP clients spread over the tenants (closed
+   loop: each sends its next request when the last one returns, so every
+   tenant is backlogged for the whole run) for ``--duration`` seconds, checks
+   every result against NumPy, and reports completions per tenant and their
+   ratio next to the ratio of the weights.
+
+The fair-share ratio depends on the scheduler's dispatch: with graphs pinned
+to workers at submission (see issue 10), a closed loop of separate
+submissions gets less than its weight.  The figures are printed as measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from typing import Any
+
+import numpy as np
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--duration", type=float, default=20.0, help="seconds of load")
+    p.add_argument("--clients", type=int, default=8, help="concurrent HTTP clients")
+    p.add_argument("--weights", default="2,1", help="tenant weights, comma-separated")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--latency-requests", type=int, default=100,
+                   help="single requests per path for the overhead figure")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--json", default=None, help="write the figures here")
+
+
+def _start_gateway(scheduler: str, tenants_file: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dask_kaas.gateway", "--scheduler", scheduler, "--host",
+         "127.0.0.1", "--port", "0", "--tenants", tenants_file],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline() if proc.stdout else ""
+    if "serving" not in line:
+        proc.kill()
+        raise RuntimeError(f"the gateway did not start: {line!r}")
+    return proc, line.split()[-1].split("//")[1]
+
+
+def _put(address: str, path: str, body: bytes, token: str) -> None:
+    req = urllib.request.Request(f"http://{address}{path}", data=body, method="PUT",
+                                 headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req) as resp:
+        resp.read()
+
+
+def _infer(client: Any, x: np.ndarray, token: str) -> np.ndarray:
+    import tritonclient.http as th
+
+    inp = th.InferInput("x", list(x.shape), "FP32").set_data_from_numpy(x)
+    out = th.InferRequestedOutput("y")
+    return client.infer("mlp", [inp], outputs=[out],
+                        headers={"Authorization": f"Bearer {token}"}).as_numpy("y")
+
+
+def run(args: argparse.Namespace) -> int:
+    import tritonclient.http as th
+
+    from ..client import KaasClient
+    from ..cluster import LocalKaasCluster
+    from ..gateway.tenants import token_digest
+    from ..workloads import mlp
+
+    weights = [float(w) for w in args.weights.split(",")]
+    names = [f"t{i + 1}" for i in range(len(weights))]
+    tokens = {n: f"bench-token-{n}" for n in names}
+    dims = dict(batch=args.batch, d_in=512, hidden=args.hidden, d_out=128)
+    graph = mlp.mlp_graph(**dims)
+    models = {n: mlp.make_model(n, dims["d_in"], dims["hidden"], dims["d_out"], seed=i)
+              for i, n in enumerate(names)}
+    with tempfile.TemporaryDirectory() as tmp, \
+            LocalKaasCluster(args.workers, backend="cpu", dashboard_address=None) as cluster, \
+            KaasClient(cluster) as direct:
+        tenants_file = os.path.join(tmp, "tenants.yaml")
+        with open(tenants_file, "w") as f:
+            f.write("tenants:\n")
+            for n, w in zip(names, weights):
+                f.write(f"  {n}: {{token_sha256: {token_digest(tokens[n])}, weight: {w}, "
+                        f"max_in_flight: {args.clients * 2}}}\n")
+        proc, address = _start_gateway(cluster.scheduler_address, tenants_file)
+        try:
+            for n in names:
+                _put(address, "/v1/models/mlp", graph.to_json().encode(), tokens[n])
+                for buf in ("w1", "b1", "w2", "b2"):
+                    _put(address, f"/v1/models/mlp/consts/{buf}",
+                         getattr(models[n], buf).tobytes(), tokens[n])
+            result: dict[str, Any] = {"workers": args.workers, "clients": args.clients,
+                                      "duration_s": args.duration, "dims": dims,
+                                      "gateway": address}
+            result["latency"] = _latency(args, th, address, direct, graph, models[names[0]],
+                                         tokens[names[0]])
+            result["load"] = _load(args, th, address, names, weights, tokens, models)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    _print(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0 if result["load"]["wrong"] == 0 and result["load"]["errors"] == 0 else 1
+
+
+def _latency(args: argparse.Namespace, th: Any, address: str, direct: Any, graph: Any,
+             model: Any, token: str) -> dict[str, Any]:
+    from ..workloads import mlp
+
+    client = th.InferenceServerClient(address)
+    rng = np.random.default_rng(1)
+    gw_s, direct_s = [], []
+    for i in range(args.latency_requests + 5):
+        x = rng.standard_normal((args.batch, 512)).astype(np.float32)
+        t0 = time.perf_counter()
+        y_gw = _infer(client, x, token)
+        t1 = time.perf_counter()
+        y_direct = direct.submit_kernel_graph(graph, mlp.inputs_for(model, x),
+                                              tenant="direct").result()["y"]
+        t2 = time.perf_counter()
+        if i >= 5:  # the first requests compile, load and learn
+            gw_s.append(t1 - t0)
+            direct_s.append(t2 - t1)
+        for y in (y_gw, y_direct):
+            np.testing.assert_allclose(y, model.reference(x), rtol=1e-3, atol=1e-3)
+    p50_gw, p50_direct = float(np.median(gw_s)) * 1e3, float(np.median(direct_s)) * 1e3
+    return {"requests": len(gw_s), "gateway_p50_ms": p50_gw, "direct_p50_ms": p50_direct,
+            "ratio": p50_gw / p50_direct,
+            "gateway_p99_ms": float(np.percentile(gw_s, 99)) * 1e3,
+            "direct_p99_ms": float(np.percentile(direct_s, 99)) * 1e3}
+
+
+def _load(args: argparse.Namespace, th: Any, address: str, names: list[str],
+          weights: list[float], tokens: dict[str, str], models: dict[str, Any]
+          ) -> dict[str, Any]:
+    done: dict[str, list[float]] = {n: [] for n in names}
+    latencies: dict[str, list[float]] = {n: [] for n in names}
+    counts = {"wrong": 0, "errors": 0}
+    lock = threading.Lock()
+    start = time.perf_counter()
+    stop_at = start + args.duration
+
+    def client_loop(i: int) -> None:
+        tenant = names[i % len(names)]
+        client = th.InferenceServerClient(address, network_timeout=120.0)
+        rng = np.random.default_rng(100 + i)
+        while time.perf_counter() < stop_at:
+            x = rng.standard_normal((args.batch, 512)).astype(np.float32)
+            t0 = time.perf_counter()
+            try:
+                y = _infer(client, x, tokens[tenant])
+            except Exception:  # noqa: BLE001 - counted and reported
+                with lock:
+                    counts["errors"] += 1
+                continue
+            t1 = time.perf_counter()
+            ok = np.allclose(y, models[tenant].reference(x), rtol=1e-3, atol=1e-3)
+            with lock:
+                done[tenant].append(t1 - start)
+                latencies[tenant].append(t1 - t0)
+                counts["wrong"] += not ok
+
+    threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(args.clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # "all backlogged": every client keeps one request outstanding until the
+    # load stops, so the window is the run, cut at the first tenant's last reply.
+    last = [max(ts) for ts in done.values() if ts]
+    window = min([args.duration, *last]) if len(last) == len(done) else 0.0
+    per = {n: sum(1 for t in done[n] if t <= window) for n in names}
+    out: dict[str, Any] = {
+        "completed": {n: len(done[n]) for n in names},
+        "completed_while_backlogged": per, "backlogged_window_s": window,
+        "weights": dict(zip(names, weights)),
+        "p50_ms": {n: float(np.median(latencies[n])) * 1e3 if latencies[n] else None
+                   for n in names},
+        "throughput_per_s": sum(len(v) for v in done.values()) / args.duration, **counts}
+    if len(names) == 2 and per[names[1]]:
+        out["ratio"] = per[names[0]] / per[names[1]]
+        out["weight_ratio"] = weights[0] / weights[1]
+    return out
+
+
+def _print(r: dict[str, Any]) -> None:
+    lat, load = r["latency"], r["load"]
+    print(f"gateway {r['gateway']}, {r['workers']} CPU workers, MLP {r['dims']}")
+    print(f"single requests ({lat['requests']} each): gateway p50 {lat['gateway_p50_ms']:.2f} ms, "
+          f"direct KaasClient p50 {lat['direct_p50_ms']:.2f} ms, ratio {lat['ratio']:.2f}x "
+          f"(p99 {lat['gateway_p99_ms']:.1f} vs {lat['direct_p99_ms']:.1f} ms)")
+    print(f"load: {r['clients']} HTTP clients for {r['duration_s']:g} s, "
+          f"{load['throughput_per_s']:.1f} requests/s, wrong results {load['wrong']}, "
+          f"errors {load['errors']}")
+    for n, c in load["completed_while_backlogged"].items():
+        print(f"  {n}: weight {load['weights'][n]:g}, completed {load['completed'][n]} "
+              f"({c} while all backlogged), p50 {load['p50_ms'][n]:.1f} ms")
+    if "ratio" in load:
+        print(f"  completions ratio {load['ratio']:.2f} (weights {load['weight_ratio']:.2f}) "
+              f"over {load['backlogged_window_s']:.1f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dask-kaas bench-gateway", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
