@@ -28,6 +28,8 @@ setup(
             "hypothesis>=6.90",
             "playwright>=1.40",
             "matplotlib>=3.7",
+            # the KServe v2 gateway is tested with the real Triton HTTP client
+            "tritonclient[http]>=2.40",
             # NVRTC checks every shipped CUDA source without a GPU (tests/test_nvrtc.py);
             # the cuda12/cuda13 extras narrow these to one CUDA major version.
             "cuda-bindings>=12.8,<14",
