@@ -561,3 +561,15 @@ def test_driver_versions_decode_as_cuda_does():
 
     assert cuda_version(13000) == (13, 0) and cuda_version(12080) == (12, 8)
     assert cuda_version(13050) == (13, 5)
+
+
+@pytest.mark.parametrize("n,parts", [(1, 4), (4096, 4), (16 << 20, 8), ((16 << 20) - 3, 3),
+                                     (12345, 1), (10, 0)])
+def test_a_staging_chunk_is_split_among_fill_threads_exactly_once(n, parts):
+    from dask_kaas.device.staging import split_ranges
+
+    ranges = split_ranges(n, parts)
+    assert ranges[0][0] == 0 and ranges[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # no gap, no overlap
+    assert all(lo % 4096 == 0 for lo, _ in ranges) and len(ranges) <= max(1, parts)
+    assert split_ranges(0, 4) == []

@@ -19,8 +19,9 @@ import numpy as np
 #: Copies at least this large are staged; smaller ones go straight through.
 STAGING_THRESHOLD = 1 << 20
 CHUNK = 16 << 20
-#: Threads filling one staging chunk.
-FILL_THREADS = max(1, min(4, os.cpu_count() or 1))
+#: Threads filling one staging chunk: half the cores, at most 8 (past that
+#: host memory bandwidth, not threads, is the limit).
+FILL_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 class _Pair:
@@ -37,7 +38,8 @@ def split_ranges(n: int, parts: int, align: int = 4096) -> list[tuple[int, int]]
     starts, covering every byte once."""
     if n <= 0:
         return []
-    step = max(align, -(-n // max(1, parts)) // align * align)
+    per_part = -(-n // max(1, parts))
+    step = -(-per_part // align) * align
     return [(lo, min(n, lo + step)) for lo in range(0, n, step)]
 
 
