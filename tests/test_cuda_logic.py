@@ -573,3 +573,17 @@ def test_a_staging_chunk_is_split_among_fill_threads_exactly_once(n, parts):
     assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # no gap, no overlap
     assert all(lo % 4096 == 0 for lo, _ in ranges) and len(ranges) <= max(1, parts)
     assert split_ranges(0, 4) == []
+
+
+class FaultingCompileBackend(StickyFaultBackend):
+    """Loading a module on a faulted device fails with the sticky error."""
+
+    def compile(self, kernel):
+        raise StandInIllegalAddressError("cudaErrorIllegalAddress: module load")
+
+
+def test_a_sticky_fault_met_while_loading_a_kernel_is_a_device_fault():
+    rt = WorkerRuntime(FaultingCompileBackend(), 10_000)
+    with pytest.raises(DeviceFaultError, match="graph 'g1'.*module load"):
+        rt.run(one_kernel_graph(double), request("k"), [X, W])
+    assert "module load" in rt.broken

@@ -256,6 +256,8 @@ class CudaBackend(Backend):
             module = self.cupy.RawModule(path=path)
             return module.get_function(function)  # loads the module now
         except self.cupy.cuda.driver.CUDADriverError as e:
+            if self.is_fatal(e):
+                raise  # the device faulted earlier: not this image's fault
             raise KernelDefinitionError(f"cannot load {fmt} image: {e}", kernel=kernel) from None
         finally:
             with contextlib.suppress(OSError):

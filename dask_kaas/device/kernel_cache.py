@@ -34,6 +34,8 @@ class KernelCache:
         except KaasError:
             raise
         except Exception as e:  # noqa: BLE001 - compiler errors of any kind
+            if self.backend.is_fatal(e) or self.backend.is_out_of_memory(e):
+                raise  # the device, not the kernel: the runtime handles these
             raise KernelDefinitionError(
                 f"could not compile for the {self.backend.name} backend: "
                 f"{type(e).__name__}: {e}", kernel=kernel.name) from e
