@@ -18,6 +18,7 @@ from dask_kaas import (
     DeviceFaultError,
     DeviceOutOfMemoryError,
     GraphError,
+    InOut,
     KaasError,
     Kernel,
     KernelExecutionError,
@@ -587,3 +588,43 @@ def test_a_sticky_fault_met_while_loading_a_kernel_is_a_device_fault():
     with pytest.raises(DeviceFaultError, match="graph 'g1'.*module load"):
         rt.run(one_kernel_graph(double), request("k"), [X, W])
     assert "module load" in rt.broken
+
+
+def axpy_graph():
+    g = KernelGraph("ax")
+    x = g.input("x", (1000,), np.float64)
+    y = g.output("y", (1000,), np.float64)
+    g.launch(Kernel.library("copy"), [x, Out(y)])
+    g.launch(Kernel.library("axpy"), [np.float64(2.0), x, InOut(y)])  # alpha * x: 8000 B
+    return g
+
+
+def test_the_temporaries_of_built_ins_are_set_aside_with_the_graph():
+    from dask_kaas.graph.library import graph_temp_bytes
+
+    g = axpy_graph()
+    assert graph_temp_bytes(g) == 8000
+    assert graph_temp_bytes(g, lambda n: -(-n // 256) * 256) == 8192
+    xv = np.arange(1000, dtype=np.float64)
+    req = GraphRequest("k", "ax", "t", [InputRef("x", 8000, None)])
+    with pytest.raises(DeviceOutOfMemoryError, match="needs 24000 bytes"):
+        WorkerRuntime(CpuBackend(), 20_000).run(g, req, [xv])
+    rt = WorkerRuntime(CpuBackend(), 24_000)
+    out, _ = rt.run(g, req, [xv])
+    np.testing.assert_array_equal(out["y"], 3 * xv)
+    assert rt.cache.stats.peak_used_bytes == 24_000 and rt.cache.used_bytes == 0
+
+
+def test_gemm_with_beta_and_reduce_sum_count_their_temporaries():
+    from dask_kaas.graph.library import graph_temp_bytes
+
+    g = KernelGraph("gb")
+    a = g.input("a", (4, 8), np.float32)
+    b = g.const("b", (8, 16), np.float32)
+    c = g.output("c", (4, 16), np.float32)
+    s = g.output("s", (), np.float64)
+    g.launch(Kernel.library("gemm"), [a, b, Out(c)])
+    assert graph_temp_bytes(g) == 0  # matmul straight into c
+    g.launch(Kernel.library("gemm"), [a, b, InOut(c), np.float32(1), np.float32(0.5)])
+    g.launch(Kernel.library("reduce_sum"), [c, Out(s)])
+    assert graph_temp_bytes(g) == 4 * 16 * 4  # a @ b before it is added to c

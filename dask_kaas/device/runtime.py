@@ -31,6 +31,7 @@ from ..graph.errors import (
 )
 from ..graph.graph import KernelGraph
 from ..graph.launch import ArgRef
+from ..graph.library import graph_temp_bytes
 from ..graph.validate import check_shared_memory
 from ..request import GraphRequest
 from .backend import Backend
@@ -160,7 +161,7 @@ class WorkerRuntime:
         own = [b for b in graph.buffers.values() if b.kind in (BufferKind.TEMP,
                                                                BufferKind.OUTPUT)]
         private_bytes = sum(alloc(b.nbytes) for b, _ in private_inputs) + sum(
-            alloc(b.nbytes) for b in own)
+            alloc(b.nbytes) for b in own) + graph_temp_bytes(graph, alloc)
 
         with self._slot() as stream:
             t_wait = time.perf_counter()

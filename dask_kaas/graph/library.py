@@ -63,6 +63,10 @@ class ArgSpec:
     optional: bool = False
 
 
+def _no_temps(args: Sequence[Any]) -> int:
+    return 0
+
+
 @dataclass(frozen=True)
 class Builtin:
     name: str
@@ -70,6 +74,36 @@ class Builtin:
     args: tuple[ArgSpec, ...]
     check: Callable[[Sequence[Any]], None]
     doc: str
+    #: Bytes of device temporaries one call allocates (``alpha * x`` in
+    #: axpy, ...), so the device cache can set them aside with the graph.
+    temp_bytes: Callable[[Sequence[Any]], int] = _no_temps
+
+
+def _nbytes(arg: Any) -> int:
+    buf = getattr(arg, "buffer", arg)
+    return int(getattr(buf, "nbytes", 0) or 0)
+
+
+def _gemm_temps(args: Sequence[Any]) -> int:
+    beta = args[4] if len(args) == 5 else None
+    return _nbytes(args[2]) if beta is not None and beta != 0 else 0
+
+
+def _reduce_temps(args: Sequence[Any]) -> int:
+    return int(getattr(args[1], "dtype", np.dtype(np.float64)).itemsize)
+
+
+def graph_temp_bytes(graph: Any, alloc: Callable[[int], int] = int) -> int:
+    """Device bytes the built-ins of a graph allocate as temporaries, at
+    most, at one time: the launches of a graph run one after the other on
+    one stream, where a freed temporary is reused at once.  (Array and CUDA
+    kernels' own temporaries come out of the pool's headroom.)"""
+    most = 0
+    for launch in graph.launches:
+        if launch.kernel.kind == "library":
+            spec = BUILTINS[launch.kernel.name]
+            most = max(most, alloc(spec.temp_bytes(launch.args)))
+    return most
 
 
 def _shapes(args: Sequence[Any]) -> list[tuple[int, ...] | None]:
@@ -114,10 +148,12 @@ BUILTINS: dict[str, Builtin] = {
         Builtin("gemm", _gemm,
                 (ArgSpec("a", "in"), ArgSpec("b", "in"), ArgSpec("c", "out"),
                  ArgSpec("alpha", "literal", True), ArgSpec("beta", "literal", True)),
-                _check_gemm, "c = alpha * a @ b + beta * c (beta given: c is read)"),
+                _check_gemm, "c = alpha * a @ b + beta * c (beta given: c is read)",
+                _gemm_temps),
         Builtin("axpy", _axpy,
                 (ArgSpec("alpha", "literal"), ArgSpec("x", "in"), ArgSpec("y", "inout")),
-                lambda args: _check_same_shape(args[1:]), "y = alpha * x + y"),
+                lambda args: _check_same_shape(args[1:]), "y = alpha * x + y",
+                lambda args: _nbytes(args[1])),
         Builtin("relu", _relu, (ArgSpec("x", "in"), ArgSpec("y", "out")),
                 _check_same_shape, "y = max(x, 0)"),
         Builtin("add", _add, (ArgSpec("x", "in"), ArgSpec("y", "in"), ArgSpec("z", "out")),
@@ -125,6 +161,6 @@ BUILTINS: dict[str, Builtin] = {
         Builtin("copy", _copy, (ArgSpec("x", "in"), ArgSpec("y", "out")),
                 _check_same_shape, "y = x"),
         Builtin("reduce_sum", _reduce_sum, (ArgSpec("x", "in"), ArgSpec("out", "out")),
-                _check_reduce, "out = sum(x)"),
+                _check_reduce, "out = sum(x)", _reduce_temps),
     ]
 }
