@@ -52,6 +52,17 @@ def double(xp, x, y):
     y[...] = 2 * x
 
 
+def run(rt, graph, key, wid="w-id"):
+    """``rt.run`` with input x inline and the const w cached as ``wid``
+    (where the runtime takes cache identities from the Dask keys the worker
+    received, they are passed as Identities)."""
+    try:
+        from dask_kaas.device.runtime import Identities
+    except ImportError:
+        return rt.run(graph, request(key, wid), [X, W])
+    return rt.run(graph, request(key, wid), [X, W], Identities([None, wid]))
+
+
 # -- item 8: byte order ------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [">f4", ">i8", ">c16", ">u2", np.dtype("<f8").newbyteorder()])
@@ -92,9 +103,9 @@ def test_out_of_memory_inside_a_kernel_empties_the_cache_and_retries():
         y[...] = 2 * x
 
     rt = WorkerRuntime(CpuBackend(), 10_000)
-    rt.run(one_kernel_graph(double), request("warm", wid="other"), [X, W])
+    run(rt, one_kernel_graph(double), "warm", wid="other")
     assert "other" in rt.cache
-    out, report = rt.run(one_kernel_graph(needs_temporaries), request("k1"), [X, W])
+    out, report = run(rt, one_kernel_graph(needs_temporaries), "k1")
     np.testing.assert_array_equal(out["y"], 2 * X)
     assert len(calls) == 2
     assert "other" not in rt.cache  # the cache was emptied before the retry
@@ -108,7 +119,7 @@ def test_out_of_memory_inside_a_kernel_twice_is_a_device_out_of_memory_error():
 
     rt = WorkerRuntime(CpuBackend(), 10_000)
     with pytest.raises(DeviceOutOfMemoryError, match="graph 'g1'.*even after emptying"):
-        rt.run(one_kernel_graph(always), request("k"), [X, W])
+        run(rt, one_kernel_graph(always), "k")
     assert rt.cache._private_bytes == 0 and rt.broken is None
 
 
@@ -143,14 +154,14 @@ def test_a_sticky_fault_in_a_kernel_fails_the_request_and_marks_the_worker_broke
     assert rt.broken is None
     with pytest.raises(DeviceFaultError, match="graph 'g1', launch 0 \\(kernel 'wild'\\)"
                        ".*illegal memory access.*restarted") as e:
-        rt.run(one_kernel_graph(faulting_kernel, name="wild"), request("k"), [X, W])
+        run(rt, one_kernel_graph(faulting_kernel, name="wild"), "k")
     assert isinstance(e.value, KernelExecutionError)
     assert "illegal memory access" in rt.broken
     assert rt.cache._private_bytes == 0
     assert all(entry.pins == 0 for entry in rt.cache._entries.values())
     first = rt.broken
     with pytest.raises(DeviceFaultError):
-        rt.run(one_kernel_graph(faulting_kernel), request("k2"), [X, W])
+        run(rt, one_kernel_graph(faulting_kernel), "k2")
     assert rt.broken == first  # the first reason is kept
     back = pickle.loads(pickle.dumps(e.value))  # crosses from worker to client
     assert type(back) is DeviceFaultError and back.launch == 0 and back.kernel == "wild"
@@ -162,7 +173,7 @@ def test_a_sticky_fault_noticed_at_synchronize_is_a_device_fault():
                                      "cudaErrorLaunchFailure unspecified launch failure")
     rt = WorkerRuntime(backend, 10_000)
     with pytest.raises(DeviceFaultError, match="graph 'g1'.*launch failure"):
-        rt.run(one_kernel_graph(double), request("k"), [X, W])
+        run(rt, one_kernel_graph(double), "k")
     assert "cudaErrorLaunchFailure" in rt.broken
 
 
@@ -172,9 +183,9 @@ def test_an_ordinary_kernel_error_does_not_break_the_worker():
 
     rt = WorkerRuntime(StickyFaultBackend(), 10_000)
     with pytest.raises(KernelExecutionError, match="ValueError: bad row") as e:
-        rt.run(one_kernel_graph(bad), request("k"), [X, W])
+        run(rt, one_kernel_graph(bad), "k")
     assert type(e.value) is KernelExecutionError and rt.broken is None
-    out, _ = rt.run(one_kernel_graph(double), request("k2"), [X, W])
+    out, _ = run(rt, one_kernel_graph(double), "k2")
     np.testing.assert_array_equal(out["y"], 2 * X)
 
 
@@ -425,9 +436,9 @@ def test_shared_memory_is_checked_against_the_device_opt_in_limit():
         check_shared_memory(g, 99 * 1024)
     rt = WorkerRuntime(Sm86Backend(), 10_000)
     with pytest.raises(LaunchConfigError, match="launch 1 .*at most 101376"):
-        rt.run(g, request("k"), [X, W])
+        run(rt, g, "k")
     assert rt.cache._private_bytes == 0
-    out, _ = rt.run(shared_graph(64 * 1024), request("k2"), [X, W])  # above 48 KiB is fine
+    out, _ = run(rt, shared_graph(64 * 1024), "k2")  # above 48 KiB is fine
     np.testing.assert_array_equal(out["y"], 2 * X)
 
 
@@ -586,7 +597,7 @@ class FaultingCompileBackend(StickyFaultBackend):
 def test_a_sticky_fault_met_while_loading_a_kernel_is_a_device_fault():
     rt = WorkerRuntime(FaultingCompileBackend(), 10_000)
     with pytest.raises(DeviceFaultError, match="graph 'g1'.*module load"):
-        rt.run(one_kernel_graph(double), request("k"), [X, W])
+        run(rt, one_kernel_graph(double), "k")
     assert "module load" in rt.broken
 
 
