@@ -331,13 +331,16 @@ def _raw_launcher(raw: Any, optin: int) -> CompiledKernel:
     not thread-safe) to the largest size asked so far."""
     lock = threading.Lock()
     state: dict[str, Any] = {"static": None, "allowed": None}
+    # The loaded function of device 0 (the worker's only one), called directly:
+    # RawKernel.__call__ would look it up again on every launch.
+    function = raw.kernel
 
     def launch(launch: Launch, args: list, stream: Any) -> None:
         need = launch.shared_mem
         if need and (state["allowed"] is None or need > state["allowed"]):
             with lock:
                 opt_in_shared_memory(raw, need, optin, state)
-        raw(launch.grid, launch.block, tuple(args), shared_mem=need, stream=stream)
+        function(launch.grid, launch.block, tuple(args), shared_mem=need, stream=stream)
 
     return launch
 
