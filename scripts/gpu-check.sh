@@ -31,6 +31,12 @@ run_stage() {
     tail -n 12 "$OUT/$name.log"
 }
 
+{
+    timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv
+    timeout 20 nvidia-smi | grep -m1 "CUDA Version"
+} > "$OUT/nvidia-smi.txt" 2>&1
+cat "$OUT/nvidia-smi.txt"
+
 S=$(mktemp -d)
 shopt -s nullglob
 wheels=(.whl/*.whl)
@@ -67,11 +73,6 @@ except Exception as e:
     print("cuda-bindings NVRTC unavailable:", type(e).__name__, e)
 PY
 
-{
-    nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv
-    nvidia-smi | grep -m1 "CUDA Version"
-} > "$OUT/nvidia-smi.txt" 2>&1
-cat "$OUT/nvidia-smi.txt"
 run_stage versions 30 python3 -c "$VERSIONS_PY"
 
 timeout_flag=()
