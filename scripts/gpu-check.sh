@@ -5,8 +5,8 @@
 # (rmm-cu13 needs cuda-bindings), then run it with carry [".whl"]:
 #   bash scripts/gpu-check.sh
 # It installs the wheels into a temporary target, prints the versions that
-# decide the CUDA path, and runs four stages under their own time limits
-# (together at most 540 s).  Each stage runs in its own process group, which
+# decide the CUDA path, and runs its stages under their own time limits
+# (10+10+50+20+60+240+150 = 540 s).  Each stage runs in its own process group, which
 # is killed when the stage ends, so no Dask worker outlives its stage.
 # Logs, JUnit XML and the micro-benchmark figures (bench-gpu.json) go to $OUT.
 set -uo pipefail
@@ -32,8 +32,8 @@ run_stage() {
 }
 
 {
-    timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv
-    timeout 20 nvidia-smi | grep -m1 "CUDA Version"
+    timeout 10 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv
+    timeout 10 nvidia-smi | grep -m1 "CUDA Version"
 } > "$OUT/nvidia-smi.txt" 2>&1
 cat "$OUT/nvidia-smi.txt"
 
@@ -41,7 +41,7 @@ S=$(mktemp -d)
 shopt -s nullglob
 wheels=(.whl/*.whl)
 if ((${#wheels[@]})); then
-    run_stage install 60 python3 -m pip install -q --no-index --no-deps --target "$S" "${wheels[@]}"
+    run_stage install 50 python3 -m pip install -q --no-index --no-deps --target "$S" "${wheels[@]}"
 else
     echo "no wheels in .whl/: using what is installed" | tee -a "$OUT/summary.txt"
 fi
@@ -73,7 +73,7 @@ except Exception as e:
     print("cuda-bindings NVRTC unavailable:", type(e).__name__, e)
 PY
 
-run_stage versions 30 python3 -c "$VERSIONS_PY"
+run_stage versions 20 python3 -c "$VERSIONS_PY"
 
 timeout_flag=()
 if python3 -c "import pytest_timeout" 2> /dev/null; then
