@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     p_bgw = sub.add_parser("bench-gateway", help="load and overhead of the KServe gateway")
     bench_gateway.add_arguments(p_bgw)
     p_bgw.set_defaults(func=bench_gateway.run)
+    from .bench import imports as bench_imports
+
+    p_imports = sub.add_parser("bench-import", help="start-up cost of importing dask_kaas")
+    bench_imports.add_arguments(p_imports)
+    p_imports.set_defaults(func=bench_imports.run)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -121,8 +121,6 @@ class LocalKaasCluster(LocalCluster):
                  devices: Any = None, threads_per_worker: int | None = None,
                  host: str = "127.0.0.1", dashboard_address: str | None = "127.0.0.1:8787",
                  **kwargs: Any) -> None:
-        from . import dashboard  # noqa: F401 - the KaaS page, before the dashboard starts
-
         self.kaas_backend = resolve_backend_name(backend)
         if slots < 1 or workers_per_device < 1:
             raise KaasError("slots and workers_per_device must be at least 1")

@@ -1,9 +1,9 @@
 """``dask scheduler --preload dask_kaas.preload``: dask_kaas on a cluster
 started from the command line.
 
-On the scheduler it adds the KaaS page to the dashboard and installs the
-scheduler plugin, which hands the worker plugin to every worker that joins
-(start workers with ``dask worker ADDRESS --resources GPU=1``).  Settings come
+On the scheduler it installs the scheduler plugin, which adds the KaaS page to
+the dashboard when it starts and hands the worker plugin to every worker that
+joins (start workers with ``dask worker ADDRESS --resources GPU=1``).  Settings come
 from the ``kaas.*`` Dask config, e.g. ``DASK_KAAS__POLICY=balance`` or
 ``DASK_KAAS__DEVICE_MEMORY_LIMIT=8GB`` in the environment of the processes.
 On a worker (``dask worker --preload dask_kaas.preload``) it checks the
@@ -13,10 +13,6 @@ configured backend before the worker starts taking tasks.
 from __future__ import annotations
 
 from typing import Any
-
-# Imported with the preload, which a scheduler does before it starts its
-# dashboard: the KaaS page is registered in time to be served.
-from . import dashboard  # noqa: F401
 
 
 def dask_setup(server: Any) -> None:

@@ -179,27 +179,50 @@ def kaas_doc(scheduler: Scheduler, extra: dict, doc: Any) -> None:
     doc.theme = BOKEH_THEME
 
 
-_registered = False
+def _dask_dashboard(app: Any) -> Any:
+    """The Bokeh application that serves Dask's own dashboard pages."""
+    for sub in getattr(app, "applications", ()):
+        if "/status" in (getattr(sub, "applications", None) or {}):
+            return sub
+    return None
 
 
-def register_page() -> None:
-    """Add the page (and its menu entry) to the scheduler dashboard, once."""
-    global _registered
-    if _registered:
-        return
+def _template_variables(dashboard: Any) -> dict | None:
+    """The template variables Dask's pages share (they hold the menu).
+
+    Every page of Dask's dashboard is a partial of (scheduler, variables);
+    the variables are one dict, read when a browser opens a page, so a page
+    added to its ``pages`` list shows in the menu of every page from then on.
+    """
     try:
-        from distributed.dashboard import scheduler as dash
-    except ImportError:  # bokeh missing: no dashboard at all
-        return
-    dash.applications[ROUTE] = kaas_doc
-    original = dash.template_variables
+        handler = dashboard.applications["/status"].application.handlers[0]
+        variables = handler._func.args[1]
+    except Exception:  # noqa: BLE001 - Dask or Bokeh internals moved: no menu entry
+        return None
+    return variables if isinstance(variables, dict) else None
 
-    def template_variables(scheduler: Any) -> dict:
-        tv = original(scheduler)
-        if "kaas" not in tv["pages"]:
-            tv["pages"].insert(tv["pages"].index("info") if "info" in tv["pages"]
-                               else len(tv["pages"]), "kaas")
-        return tv
 
-    dash.template_variables = template_variables
-    _registered = True
+def install_page(scheduler: Scheduler) -> bool:
+    """Serve the KaaS page from a running scheduler's dashboard, with a menu
+    entry.  Called when the plugin starts, so only a scheduler that runs
+    dask_kaas and has a dashboard pays for importing Bokeh."""
+    app = getattr(scheduler, "http_application", None)
+    dashboard = _dask_dashboard(app) if app is not None else None
+    if dashboard is None:  # no dashboard (or no Bokeh) on this scheduler
+        return False
+    if any(ROUTE in (getattr(sub, "applications", None) or {}) for sub in app.applications):
+        return True
+    from distributed.dashboard.core import BokehApplication
+    from tornado.ioloop import IOLoop
+
+    variables = _template_variables(dashboard)
+    if variables is not None and isinstance(variables.get("pages"), list):
+        pages = variables["pages"]
+        if "kaas" not in pages:
+            pages.insert(pages.index("info") if "info" in pages else len(pages), "kaas")
+    page = BokehApplication({ROUTE: kaas_doc}, scheduler, prefix=dashboard.prefix,
+                            template_variables=dict(variables or {}))
+    app.add_application(page)
+    page.initialize(IOLoop.current())
+    page.start()
+    return True

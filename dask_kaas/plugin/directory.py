@@ -60,6 +60,10 @@ class BufferDirectory:
         return (buffer_id in self._resident.get(worker, ())
                 or buffer_id in self._planned.get(worker, ()))
 
+    def known(self, buffer_id: str) -> bool:
+        """Whether any device has held or planned this buffer (cheap)."""
+        return buffer_id in self._sizes
+
     def holders(self, buffer_id: str) -> set[str]:
         return ({w for w, held in self._resident.items() if buffer_id in held}
                 | {w for w, held in self._planned.items() if buffer_id in held})

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
 
-from .. import config
+from .. import config, dashboard
 from ..request import ANNOTATION, SELECT_ROLE, GraphRequest
 from . import amm
 from .directory import BufferDirectory
@@ -100,18 +100,14 @@ class KaasSchedulerPlugin(SchedulerPlugin):
         scheduler.stream_handlers[UPDATE_OP] = self.handle_worker_update
         scheduler.extensions["kaas"] = self
         amm.install(scheduler, self.directory)
-        from ..dashboard import metrics, routes
-
-        routes.install(scheduler)
-        metrics.register(self)
+        dashboard.install(scheduler, self)
         await scheduler.register_worker_plugin(
             None, dumps(self.worker_plugin), name=PLUGIN_NAME, idempotent=True)
 
     async def close(self) -> None:
-        from ..dashboard import metrics
-
-        metrics.unregister(self)
+        dashboard.uninstall(self)
         if self.scheduler is not None:
+            amm.uninstall(self.scheduler)
             for h in self._handlers():
                 self.scheduler.handlers.pop(h, None)
             self.scheduler.stream_handlers.pop(UPDATE_OP, None)
