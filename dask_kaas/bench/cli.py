@@ -19,6 +19,12 @@ QUICK_MODES = ["kaas", "kaas-dask", "naive", "static"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scenario", default="throughput", choices=["throughput", "chaos"],
+                   help="chaos: tenants' load while workers are killed (lost/wrong requests)")
+    p.add_argument("--kill-every", type=float, default=3.0,
+                   help="chaos: seconds between killing a random worker")
+    p.add_argument("--kill-all-at", type=float, default=None,
+                   help="chaos: seconds into the run at which every worker is killed")
     p.add_argument("--workload", default="mlp", choices=["mlp", "jacobi", "sgemm"])
     p.add_argument("--tenants", default=None,
                    help="comma-separated tenant counts (default 2,4,8; --quick: 8)")
@@ -59,6 +65,10 @@ def machine() -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.scenario == "chaos":
+        from .chaos import run_scenario
+
+        return run_scenario(args)
     from ..client import KaasClient
     from ..cluster import LocalKaasCluster
     from .driver import LoadSpec, run_load

@@ -1,0 +1,207 @@
+"""``dask-kaas bench --scenario chaos``: tenants keep the pool busy while
+workers die.
+
+Several tenants run a closed loop of requests, each checked against NumPy,
+while a worker process is killed with SIGKILL every few seconds (its Nanny
+starts a new one, with an empty device cache) and, optionally, every worker
+at once mid-run.  A request is *lost* if its future errs or has not finished
+by the end of the grace period, *wrong* if its result differs from NumPy.
+The promise under test: no request is lost while its client lives.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from distributed import as_completed
+from tqdm import tqdm
+
+from .workloads import Tenant, Workload
+
+
+@dataclass
+class ChaosSpec:
+    duration: float = 60.0
+    kill_every: float = 3.0
+    #: Seconds into the run at which every worker is killed at once (None: never).
+    kill_all_at: float | None = None
+    outstanding: int = 2  # requests in flight per tenant
+    grace: float = 120.0  # how long unfinished requests may take after the run
+    request_pool: int = 16
+    seed: int = 0
+
+
+@dataclass
+class ChaosResult:
+    submitted: int = 0
+    done: int = 0
+    lost: int = 0
+    wrong: int = 0
+    kills: int = 0
+    kill_all: int = 0
+    errors: Counter = field(default_factory=Counter)
+    duration_s: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {"submitted": self.submitted, "done": self.done, "lost": self.lost,
+                "wrong": self.wrong, "worker_kills": self.kills,
+                "all_workers_killed": self.kill_all, "errors": dict(self.errors),
+                "duration_s": round(self.duration_s, 1),
+                "throughput_rps": self.done / self.duration_s if self.duration_s else 0.0}
+
+
+def _kill(client: Any, every_worker: bool, rng: random.Random) -> int:
+    """SIGKILL one (or every) worker process of a local cluster; returns how
+    many were killed.  Their Nannies start new processes."""
+    try:
+        pids = client.run(os.getpid, on_error="ignore")
+    except Exception:  # noqa: BLE001 - workers are coming and going: try next time
+        return 0
+    pids = {a: p for a, p in pids.items() if isinstance(p, int)}
+    if not pids:
+        return 0
+    victims = list(pids) if every_worker else [rng.choice(sorted(pids))]
+    for addr in victims:
+        try:
+            os.kill(pids[addr], signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return len(victims)
+
+
+def run_chaos(client: Any, workload: Workload, tenants: list[Tenant], spec: ChaosSpec,
+              progress: bool = True) -> ChaosResult:
+    """Drive the load and the killing; every request is accounted for."""
+    rng = np.random.default_rng(spec.seed)
+    requests = [workload.make_request(rng) for _ in range(spec.request_pool)]
+    expected = {(t.name, i): workload.reference(t, r)
+                for t in tenants for i, r in enumerate(requests)}
+    result = ChaosResult()
+    stop = threading.Event()
+    kill_rng = random.Random(spec.seed)
+    t0 = time.monotonic()
+
+    def killer() -> None:
+        killed_all = spec.kill_all_at is None
+        next_kill = t0 + spec.kill_every
+        while not stop.wait(0.05):
+            now = time.monotonic()
+            if not killed_all and now - t0 >= spec.kill_all_at:  # type: ignore[operator]
+                result.kill_all += 1 if _kill(client, True, kill_rng) else 0
+                killed_all = True
+                next_kill = now + spec.kill_every
+            elif spec.kill_every > 0 and now >= next_kill:
+                result.kills += _kill(client, False, kill_rng)
+                next_kill = now + spec.kill_every
+
+    owner: dict[str, tuple[str, int]] = {}
+    pending = as_completed()
+    counter = 0
+
+    def submit(tenant: Tenant) -> None:
+        """Submit the tenant's next request; a submission that raises is a
+        lost request too, and the tenant tries again until the run ends."""
+        nonlocal counter
+        while True:
+            i = counter % spec.request_pool
+            counter += 1
+            result.submitted += 1
+            try:
+                fut = client.submit_kernel_graph(
+                    workload.graph, {**tenant.consts, **requests[i]}, tenant=tenant.name)
+            except Exception as e:  # noqa: BLE001 - counted, then tried again
+                result.lost += 1
+                result.errors[f"submit: {type(e).__name__}"] += 1
+                if time.monotonic() >= t0 + spec.duration:
+                    return
+                time.sleep(0.1)
+                continue
+            owner[fut.key] = (tenant.name, i)
+            pending.add(fut)
+            return
+
+    by_name = {t.name: t for t in tenants}
+    for t in tenants:
+        for _ in range(spec.outstanding):
+            submit(t)
+    thread = threading.Thread(target=killer, name="kaas-chaos-killer", daemon=True)
+    thread.start()
+    bar = tqdm(total=None, unit="req", desc="chaos", disable=not progress)
+    try:
+        deadline = t0 + spec.duration
+        while not pending.is_empty():
+            if time.monotonic() >= deadline + spec.grace:
+                break
+            try:
+                fut = next(pending)
+            except StopIteration:
+                break
+            name, i = owner.pop(fut.key)
+            try:
+                out = fut.result(timeout=spec.grace)[workload.output]
+            except Exception as e:  # noqa: BLE001 - any failure is a lost request
+                result.lost += 1
+                result.errors[type(e).__name__] += 1
+            else:
+                if np.allclose(out, expected[(name, i)], rtol=1e-4, atol=1e-4):
+                    result.done += 1
+                else:
+                    result.wrong += 1
+            bar.update(1)
+            if time.monotonic() < deadline:
+                submit(by_name[name])
+            elif not stop.is_set():
+                stop.set()  # the run is over: no more killing while the rest finish
+    finally:
+        stop.set()
+        thread.join()
+        bar.close()
+    left = pending.count()
+    result.lost += left
+    if left:
+        result.errors["unfinished"] += left
+    result.duration_s = time.monotonic() - t0
+    return result
+
+
+def run_scenario(args: Any) -> int:
+    """``dask-kaas bench --scenario chaos`` (the CLI's arguments)."""
+    import json
+
+    from ..client import KaasClient
+    from ..cluster import LocalKaasCluster
+    from .workloads import make_workload
+
+    tenants_n = int((args.tenants or "4").split(",")[0])
+    workload = make_workload(args.workload, args.weights_mib, batch=args.batch)
+    tenants = [workload.make_tenant(i) for i in range(tenants_n)]
+    spec = ChaosSpec(duration=args.duration or (20.0 if args.quick else 60.0),
+                     kill_every=args.kill_every, kill_all_at=args.kill_all_at,
+                     outstanding=args.outstanding)
+    print(f"chaos: {tenants_n} tenants x {tenants[0].nbytes / 2**20:.1f} MiB on "
+          f"{args.workers} workers for {spec.duration:.0f}s, a worker killed every "
+          f"{spec.kill_every:g}s" + (f", all at {spec.kill_all_at:g}s"
+                                     if spec.kill_all_at is not None else ""), flush=True)
+    with LocalKaasCluster(args.workers, slots=args.slots, dashboard_address=None,
+                          device_memory_limit=args.device_memory_limit) as cluster, \
+            KaasClient(cluster) as client:
+        res = run_chaos(client, workload, tenants, spec).summary()
+    res.update(workload=args.workload, tenants=tenants_n, workers=args.workers,
+               kill_every_s=spec.kill_every, kill_all_at_s=spec.kill_all_at)
+    print(f"chaos: {res['done']} done, {res['lost']} lost, {res['wrong']} wrong of "
+          f"{res['submitted']} submitted; {res['worker_kills']} single kills, "
+          f"{res['all_workers_killed']} kill-all; {res['throughput_rps']:.1f} req/s; "
+          f"errors {res['errors'] or 'none'}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"command": "dask-kaas bench --scenario chaos", "chaos": res}, f,
+                      indent=2)
+    return 0 if res["lost"] == 0 and res["wrong"] == 0 else 1
