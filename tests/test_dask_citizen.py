@@ -14,7 +14,6 @@ import time
 import numpy as np
 from distributed import Client, Event, LocalCluster
 from distributed.active_memory_manager import ActiveMemoryManagerPolicy, ReduceReplicas
-from distributed.utils_test import gen_cluster
 
 from dask_kaas import KaasClient, Kernel, KernelGraph, LocalKaasCluster, Out
 from dask_kaas.plugin.amm import DeviceAwareDropper
@@ -35,34 +34,46 @@ def test_importing_the_preload_imports_no_bokeh():
     assert out.stdout.strip() == "[]", out.stdout
 
 
-@gen_cluster(nthreads=[("127.0.0.1", 1)] * 4, client=True,
-             config={**AMM_OFF, "distributed.scheduler.preload": ["dask_kaas.preload"]})
-async def test_reduce_replicas_counts_waiters_as_dask_does(c, s, w1, w2, w3, w4):
-    """The issue's minimal case: x on all 4 workers, one waiter on each of two
-    workers and one waiting behind another task: Dask keeps 3 replicas."""
-    assert "dask-kaas" in s.plugins  # the preload really installed dask_kaas
-    ev = Event()
-    x = (await c.scatter({"x": 123}, broadcast=True))["x"]
-    y = c.submit(lambda ev: ev.wait(), ev, key="y", workers=[w4.address])
-    on_w1 = c.submit(lambda x, ev: ev.wait(), x, ev, key="zw1", workers=[w1.address])
-    on_w2 = c.submit(lambda x, ev: ev.wait(), x, ev, key="zw2", workers=[w2.address])
-    behind = c.submit(lambda x, y: None, x, y, key="znp")
-    deadline = time.monotonic() + 10
-    while len(s.tasks) < 5 and time.monotonic() < deadline:
-        await _sleep()
-    assert s.tasks["zw1"].processing_on is s.workers[w1.address]
-    assert s.tasks["znp"].processing_on is None
-    s.extensions["amm"].run_once()
-    await _sleep(0.5)
-    assert len(s.tasks["x"].who_has) == 3
-    await ev.set()
-    await c.gather([y, on_w1, on_w2, behind])
+def test_reduce_replicas_counts_waiters_as_dask_does():
+    """The issue's minimal case, on an ordinary cluster with the preload: x on
+    all 4 workers, one waiter on each of two workers and one waiting behind
+    another task: one AMM pass keeps 3 replicas, as Dask alone does."""
+    import dask
+
+    config = {**AMM_OFF, "distributed.scheduler.preload": ["dask_kaas.preload"]}
+    with dask.config.set(config), \
+            LocalCluster(n_workers=4, threads_per_worker=1, processes=False, protocol="tcp",
+                         host="127.0.0.1", dashboard_address=None) as cluster, \
+            Client(cluster) as c:
+        c.wait_for_workers(4, timeout=30)
+        s = cluster.scheduler
+        assert "dask-kaas" in s.plugins  # the preload really installed dask_kaas
+        w1, w2, _, w4 = sorted(s.workers)
+        ev = Event()
+        x = c.scatter({"x": 123}, broadcast=True)["x"]
+        y = c.submit(lambda ev: ev.wait(), ev, key="y", workers=[w4])
+        on_w1 = c.submit(lambda x, ev: ev.wait(), x, ev, key="zw1", workers=[w1])
+        on_w2 = c.submit(lambda x, ev: ev.wait(), x, ev, key="zw2", workers=[w2])
+        behind = c.submit(lambda x, y: None, x, y, key="znp")
+        deadline = time.monotonic() + 10
+        while len(s.tasks) < 5 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert c.run_on_scheduler(_processing_on, keys=["zw1", "zw2", "znp"]) == [
+            w1, w2, None]
+        c.run_on_scheduler(lambda dask_scheduler: dask_scheduler.extensions["amm"]
+                           .run_once())
+        time.sleep(0.5)
+        assert len(c.who_has()["x"]) == 3
+        ev.set()
+        c.gather([y, on_w1, on_w2, behind])
 
 
-async def _sleep(seconds: float = 0.02) -> None:
-    import asyncio
-
-    await asyncio.sleep(seconds)
+def _processing_on(dask_scheduler, keys):  # type: ignore[no-untyped-def]
+    out = []
+    for k in keys:
+        ws = dask_scheduler.tasks[k].processing_on
+        out.append(ws.address if ws is not None else None)
+    return out
 
 
 class CountingPolicy(ActiveMemoryManagerPolicy):
@@ -171,7 +182,7 @@ def test_plugin_on_a_plain_cluster_adds_the_page_and_gives_the_amm_back():
 
     from dask_kaas.plugin.scheduler import KaasSchedulerPlugin
 
-    with LocalCluster(2, processes=False, protocol="tcp", host="127.0.0.1",
+    with LocalCluster(n_workers=2, processes=False, protocol="tcp", host="127.0.0.1",
                       resources={"GPU": 1},
                       dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
         amm = cluster.scheduler.extensions["amm"]
