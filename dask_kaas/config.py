@@ -32,7 +32,7 @@ def parse_memory(value: Any, physical: int) -> int:
         raise KaasError(f"bad memory size {value!r}")
     if isinstance(value, float) and 0 < value <= 1:
         return int(physical * value)
-    if isinstance(value, (int, float)) and value > 1:
+    if isinstance(value, (int, float)) and 1 < value < float("inf"):
         return int(value)
     if isinstance(value, str):
         try:

@@ -639,3 +639,21 @@ def test_gemm_with_beta_and_reduce_sum_count_their_temporaries():
     g.launch(Kernel.library("gemm"), [a, b, InOut(c), np.float32(1), np.float32(0.5)])
     g.launch(Kernel.library("reduce_sum"), [c, Out(s)])
     assert graph_temp_bytes(g) == 4 * 16 * 4  # a @ b before it is added to c
+
+
+@pytest.mark.parametrize("limit,pool", [(float("nan"), None), (-1, None), ("lots", None),
+                                        (True, None), (None, "\udcff"), (None, float("inf")),
+                                        ({"a": 1}, None), (None, [1])])
+def test_hostile_memory_sizes_are_refused(limit, pool):
+    from dask_kaas.device.sizing import Headroom, size_device_memory
+
+    with pytest.raises(KaasError, match="memory size"):
+        size_device_memory(16 * GIB, 15 * GIB, limit=limit, pool=pool,
+                           headroom=Headroom(0.05, 256 * MIB))
+
+
+def test_a_limit_beyond_the_free_memory_gets_what_is_free():
+    from dask_kaas.device.sizing import Headroom, size_device_memory
+
+    s = size_device_memory(16 * GIB, 4 * GIB, limit="10TB", headroom=Headroom(0.05, 256 * MIB))
+    assert s.pool_bytes == 4 * GIB and s.cache_bytes == 4 * GIB - 256 * MIB
