@@ -657,3 +657,25 @@ def test_a_limit_beyond_the_free_memory_gets_what_is_free():
 
     s = size_device_memory(16 * GIB, 4 * GIB, limit="10TB", headroom=Headroom(0.05, 256 * MIB))
     assert s.pool_bytes == 4 * GIB and s.cache_bytes == 4 * GIB - 256 * MIB
+
+
+def test_kernel_images_are_files_named_by_content_and_written_whole(tmp_path):
+    """CuPy memoizes loaded modules by path: a path must always mean the same
+    bytes, and two slots loading one kernel at once must both see it whole."""
+    import threading
+
+    from dask_kaas.device.cuda import image_file
+
+    lock = threading.Lock()
+    image = bytes(range(256)) * 4096
+    paths = []
+    threads = [threading.Thread(target=lambda: paths.append(
+        image_file(str(tmp_path), image, "cubin", lock))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(paths)) == 1 and open(paths[0], "rb").read() == image
+    other = image_file(str(tmp_path), image[:-1] + b"\x00", "cubin", lock)
+    assert other != paths[0] and image_file(str(tmp_path), image, "ptx", lock) != paths[0]
+    assert sorted(p.name.split(".")[-1] for p in tmp_path.iterdir()) == ["cubin", "cubin", "ptx"]

@@ -103,6 +103,7 @@ class CudaBackend(Backend):
         self.shared_mem_optin = int(runtime.deviceGetAttribute(ATTR_SHARED_OPTIN, 0))
         self.driver_version = cuda_version(runtime.driverGetVersion())
         self._image_dir = tempfile.mkdtemp(prefix="kaas-images-")
+        self._image_lock = threading.Lock()
         self._choose_compiler()
 
     def _setup_pool(self, pool: int) -> tuple[str, str | None]:
@@ -246,22 +247,18 @@ class CudaBackend(Backend):
         return _raw_launcher(raw, self.shared_mem_optin)
 
     def _load_image(self, image: bytes, fmt: str, kernel: str, function: str) -> Any:
-        """RawModule loads from a file.  CuPy memoizes modules by path, so
-        the name is the image's hash: a path always means the same bytes."""
-        digest = hashlib.sha256(image).hexdigest()
-        path = os.path.join(self._image_dir, f"{digest}.{fmt}")
+        """RawModule loads from a file, and CuPy memoizes modules by path: so
+        the file is named by the image's hash (a path always means the same
+        bytes), written whole before anyone loads it, and kept until close
+        (two slots may load the same kernel at once)."""
+        path = image_file(self._image_dir, image, fmt, self._image_lock)
         try:
-            with open(path, "wb") as f:
-                f.write(image)
             module = self.cupy.RawModule(path=path)
             return module.get_function(function)  # loads the module now
         except self.cupy.cuda.driver.CUDADriverError as e:
             if self.is_fatal(e):
                 raise  # the device faulted earlier: not this image's fault
             raise KernelDefinitionError(f"cannot load {fmt} image: {e}", kernel=kernel) from None
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
 
     # -- streams -------------------------------------------------------------------
     def make_streams(self, n: int) -> list[Any]:
@@ -316,6 +313,20 @@ class CudaBackend(Backend):
         self._mr = self._mempool = None
         if getattr(self, "_image_dir", None):
             shutil.rmtree(self._image_dir, ignore_errors=True)
+
+
+def image_file(directory: str, image: bytes, fmt: str, lock: threading.Lock) -> str:
+    """The path of a file in ``directory`` holding exactly ``image``, named
+    by its hash and written whole (through a rename) before it is returned."""
+    digest = hashlib.sha256(image).hexdigest()
+    path = os.path.join(directory, f"{digest}.{fmt}")
+    with lock:
+        if not os.path.exists(path):
+            tmp = f"{path}.{threading.get_ident()}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(image)
+            os.replace(tmp, path)
+    return path
 
 
 def _on(stream: Any, fn: Any, xp: Any, args: list) -> None:
