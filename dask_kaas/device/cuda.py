@@ -46,6 +46,9 @@ ATTR_SHARED_OPTIN = 97
 
 _live_lock = threading.Lock()
 _live: list[CudaBackend] = []
+#: Loaded function (CUfunction address) -> its shared-memory opt-in state.
+_shared_state: dict[int, dict[str, Any]] = {}
+_shared_lock = threading.Lock()
 
 
 def _round_up(n: int, k: int) -> int:
@@ -340,11 +343,12 @@ def _raw_launcher(raw: Any, optin: int) -> CompiledKernel:
     ``max_dynamic_shared_size_bytes``, or the launch fails with
     CUDA_ERROR_INVALID_VALUE.  Raised under a lock (setting the attribute is
     not thread-safe) to the largest size asked so far."""
-    lock = threading.Lock()
-    state: dict[str, Any] = {"static": None, "allowed": None}
     # The loaded function of device 0 (the worker's only one), called directly:
     # RawKernel.__call__ would look it up again on every launch.
     function = raw.kernel
+    lock = _shared_lock
+    with lock:  # one state per loaded function, however often it was compiled
+        state = _shared_state.setdefault(function.ptr, {"static": None, "allowed": None})
 
     def launch(launch: Launch, args: list, stream: Any) -> None:
         need = launch.shared_mem
