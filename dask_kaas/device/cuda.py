@@ -144,8 +144,7 @@ class CudaBackend(Backend):
             self.nvrtc_version = nvrtc.nvrtc_version()
             archs = nvrtc.supported_archs()
         except KernelDefinitionError as e:
-            self.kernel_compiler = "cupy"
-            self._image_error = e.detail
+            self.kernel_compiler = f"cupy ({e.detail})"
             major, minor = self.cupy.cuda.nvrtc.getVersion()
             self.nvrtc_version = (int(major), int(minor))
             return
@@ -233,7 +232,7 @@ class CudaBackend(Backend):
         if kernel.kind == Kernel.ARRAY:
             afn = kernel.fn
             return lambda launch, args, stream: _on(stream, afn, cupy, args)
-        if kernel.kind == Kernel.CUDA and self.kernel_compiler == "cupy":
+        if kernel.kind == Kernel.CUDA and self.kernel_compiler != "nvrtc":
             module = cupy.RawModule(code=kernel.source, options=tuple(kernel.options),
                                     name_expressions=list(kernel.name_expressions) or None)
             raw = module.get_function(kernel.name)
@@ -277,7 +276,7 @@ class CudaBackend(Backend):
 
     def describe(self) -> dict[str, Any]:
         image = None
-        if self.kernel_compiler == "cupy":
+        if self.kernel_compiler != "nvrtc":
             image = "cupy's choice"
         elif self._image is not None:
             fmt, arch = self._image
