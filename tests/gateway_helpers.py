@@ -46,6 +46,7 @@ class GatewayProcess:
             self.proc.kill()
             raise RuntimeError(f"gateway did not start: {line!r}\n{self.log()}")
         self.url = line.split()[-1]
+        self.ssl_context = None
         self.host, self.port = self.url.split("//")[1].rsplit(":", 1)
         self.port = int(self.port)
         self.address = f"{self.host}:{self.port}"
@@ -56,7 +57,11 @@ class GatewayProcess:
 
     def request(self, method: str, path: str, body: bytes | None = None, token: str | None = None,
                 headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
+        if self.ssl_context is not None:
+            conn = http.client.HTTPSConnection(self.host, self.port, timeout=60,
+                                               context=self.ssl_context)
+        else:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
         h = dict(headers or {})
         if token is not None:
             h["Authorization"] = f"Bearer {token}"

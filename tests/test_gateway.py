@@ -223,6 +223,63 @@ def test_tenants_cannot_see_or_call_each_others_models(gw):
                                rtol=1e-5, atol=1e-6)
 
 
+def const_keys(client) -> set[str]:
+    return set(client.run_on_scheduler(lambda dask_scheduler: [
+        str(k) for k in dask_scheduler.tasks if str(k).startswith("kaas-const-")]))
+
+
+def test_consts_sent_once_cached_and_released_with_the_model(gw, kaas):
+    _, client = kaas
+    before = const_keys(client)
+    w3, b3 = W * 3, B * 3  # values no other test uses
+    register(gw, "bob", "cached", layer_graph(), {"w": w3, "b": b3})
+    sent = const_keys(client) - before
+    assert len(sent) == 2  # on upload, one key per const
+    hits = client.kaas_stats()["tenants"].get("bob", {}).get("hits", 0)
+    c = triton(gw)
+    for _ in range(4):
+        x = RNG.standard_normal((8, 16)).astype(np.float32)
+        np.testing.assert_allclose(infer(c, "bob", "cached", x, True), layer_ref(x, w3, b3),
+                                   rtol=1e-5, atol=1e-6)
+    assert const_keys(client) - before == sent  # nothing sent again
+    assert client.kaas_stats()["tenants"]["bob"]["hits"] >= hits + 6  # device-cache hits
+    # new weights replace the old ones on the cluster; deleting the model frees them
+    status, _, _ = gw.request("PUT", "/v1/models/cached/consts/b", (b3 + 1).tobytes(),
+                              TOKENS["bob"])
+    assert status == 204
+    gw.wait_for(lambda: len(const_keys(client) - before) == 2 and
+                const_keys(client) - before != sent, "the old b released")
+    assert gw.request("DELETE", "/v1/models/cached", token=TOKENS["bob"])[0] == 204
+    gw.wait_for(lambda: not (const_keys(client) - before), "the consts released")
+
+
+def test_tls(kaas, tmp_path):
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True,
+                   capture_output=True)
+    path = tmp_path / "tenants.yaml"
+    path.write_text(tenants_yaml({"alice": {"token": "tls-alice"}}, {}))
+    g = GatewayProcess(kaas[0].scheduler_address, str(path), "--tls-cert", str(cert),
+                       "--tls-key", str(key))
+    try:
+        assert g.url.startswith("https://")
+        g.ssl_context = ssl.create_default_context(cafile=str(cert))
+        assert g.json("GET", "/v1/models", token="tls-alice") == (200, {"models": []})
+        g.ssl_context = ssl.create_default_context()  # does not trust the certificate
+        with pytest.raises(ssl.SSLError):
+            g.request("GET", "/v2/health/live")
+    finally:
+        g.stop()
+
+
 # -- hostile requests -------------------------------------------------------------------
 def good_infer_body() -> dict:
     x = np.ones((8, 16), np.float32)

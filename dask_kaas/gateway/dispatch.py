@@ -21,6 +21,10 @@ would deadlock.  So:
   the same way (``client.cancel(..., asynchronous=True)``), so an abandoned
   request that has not started never runs.
 
+Consts are scattered here once per uploaded value, under the content-hash
+key the client uses for consts (so equal weights share one cluster copy and
+one device-cache entry), and passed to requests as futures.
+
 Admission (``max_in_flight`` per tenant, 429) is counted here too, on the
 HTTP loop thread only.
 """
@@ -34,12 +38,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from dask.base import tokenize
 from distributed import Future
 
 from ..client import KaasClient
 from ..device.handles import DeviceArray
 from ..graph.graph import KernelGraph
 from .errors import GatewayTimeoutError, TooManyRequestsError
+from .registry import Model
 from .tenants import Principal
 
 logger = logging.getLogger(__name__)
@@ -66,6 +72,21 @@ class Dispatcher:
             self.in_flight.pop(tenant.name, None)
         else:
             self.in_flight[tenant.name] = n
+
+    # -- consts --------------------------------------------------------------
+    async def scatter(self, value: np.ndarray) -> Future:
+        """Send a const to the cluster; its future."""
+        key = f"kaas-const-{tokenize(value)}"
+        futures = await self.call(self.client.scatter, {key: value}, hash=False)
+        return futures[key]
+
+    async def const_inputs(self, model: Model) -> dict[str, Future]:
+        """The model's consts as futures, sending any the cluster lacks."""
+        for name, value in model.consts.items():
+            fut = model.futures.get(name)
+            if fut is None or fut.status in ("lost", "error", "cancelled"):
+                model.futures[name] = await self.scatter(value)
+        return dict(model.futures)
 
     # -- running -----------------------------------------------------------
     async def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:

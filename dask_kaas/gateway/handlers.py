@@ -214,7 +214,7 @@ class ModelHandler(BodyHandler):
 
 
 class ConstHandler(BodyHandler):
-    def put(self, name: str, buffer: str) -> None:
+    async def put(self, name: str, buffer: str) -> None:
         from .registry import check_name
         from .tensors import const_from_body
 
@@ -227,6 +227,11 @@ class ConstHandler(BodyHandler):
         value = const_from_body(self.body(), self.request.headers.get("Content-Type"),
                                 model.graph.buffers[buffer], model.graph.name)
         self.gw.registry.set_const(self.principal.name, name, buffer, value)
+        try:
+            model.futures[buffer] = await self.gw.dispatcher.scatter(value)  # sent once, now
+        except Exception as e:  # noqa: BLE001 - kept here; sent again with the next request
+            logger.warning("const %s of %s/%s not sent yet: %r", buffer, self.principal.name,
+                           name, e)
         self.set_status(204)
         self.finish()
 
@@ -266,8 +271,9 @@ class InferHandler(BodyHandler):
         start = time.perf_counter()
         try:
             timeout = min(self.gw.request_timeout, request.timeout_s or math.inf)
+            consts = await self.gw.dispatcher.const_inputs(model)
             self._task = asyncio.ensure_future(self.gw.dispatcher.run(
-                model.graph, {**request.inputs, **model.consts}, self.principal.name,
+                model.graph, {**request.inputs, **consts}, self.principal.name,
                 self.gw.weight_of(self.principal), timeout))
             try:
                 results = await self._task

@@ -4,10 +4,13 @@ Names are per tenant, and a lookup only ever searches the caller's own
 namespace, so another tenant's model is *not found* (404), never forbidden:
 its existence is not disclosed.  Every per-tenant structure is bounded (model
 count, const bytes), and a tenant dropped from the tenants file loses its
-models.  Const arrays are kept here, once, as the same array objects for
-every request: the client identifies a const by content (hashed once per
-array object) and sends it to the cluster once, where it is cached like any
-other const.  Only the gateway's event-loop thread touches a registry.
+models.  A const is sent to the cluster once, when it is uploaded, and the
+model holds its Dask future: requests pass the future (cached on the devices
+like any const, by its key), and replacing or deleting the model drops the
+future, so the cluster forgets values no model uses any more (a tenant that
+uploads new weights in a loop cannot fill the cluster).  The host copy stays
+here, bounded per tenant, to send again if a worker holding it is lost.
+Only the gateway's event-loop thread touches a registry.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
+from distributed import Future
 
 from ..graph.buffers import BufferKind
 from ..graph.graph import KernelGraph
@@ -38,6 +42,8 @@ class Model:
     name: str
     graph: KernelGraph
     consts: dict[str, np.ndarray] = field(default_factory=dict)
+    #: the cluster copy of each const (absent until sent)
+    futures: dict[str, Future] = field(default_factory=dict)
 
     @property
     def const_names(self) -> list[str]:
@@ -107,6 +113,7 @@ class ModelRegistry:
                 graph=model.graph.name, buffer=buffer)
         value.setflags(write=False)  # a const is promised never to change
         model.consts[buffer] = value
+        model.futures.pop(buffer, None)
 
     def retain_tenants(self, tenants: Iterable[str]) -> list[str]:
         """Forget the models of tenants no longer in the tenants file."""
