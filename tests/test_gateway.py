@@ -175,7 +175,8 @@ def test_curl_style_json_and_allowed_cpu_function(gw):
 
 # -- who may do what ------------------------------------------------------------------
 def test_wrong_token_refused(gw):
-    for token in (None, "", "Alice-token", "wrong", TOKENS["alice"] + "x", TOKENS["bob"][:-1]):
+    for token in (None, "", "Alice-token", "wrong", TOKENS["alice"] + "x", TOKENS["bob"][:-1],
+                  "\xff\xfe\x80", "x" * 10_000):
         status, headers, data = gw.request("GET", "/v1/models", token=token)
         assert status == 401 and "Bearer" in headers["www-authenticate"]
         assert json.loads(data)["error"]

@@ -58,6 +58,28 @@ def _start_gateway(scheduler: str, tenants_file: str) -> tuple[subprocess.Popen,
     return proc, line.split()[-1].split("//")[1]
 
 
+OPS_TOKEN = "bench-operator"
+
+
+def _server_latency(address: str) -> tuple[float, float]:
+    """(sum, count) of the gateway's own latency histogram: the time from
+    a decoded request to its results, without HTTP and tensor coding."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    req = urllib.request.Request(f"http://{address}/metrics",
+                                 headers={"Authorization": f"Bearer {OPS_TOKEN}"})
+    with urllib.request.urlopen(req) as resp:
+        text = resp.read().decode()
+    total = count = 0.0
+    for fam in text_string_to_metric_families(text):
+        for sample in fam.samples:
+            if sample.name == "dask_kaas_gateway_latency_seconds_sum":
+                total += sample.value
+            elif sample.name == "dask_kaas_gateway_latency_seconds_count":
+                count += sample.value
+    return total, count
+
+
 def _put(address: str, path: str, body: bytes, token: str) -> None:
     req = urllib.request.Request(f"http://{address}{path}", data=body, method="PUT",
                                  headers={"Authorization": f"Bearer {token}"})
@@ -90,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
     models = {n: mlp.make_model(n, dims["d_in"], dims["hidden"], dims["d_out"], seed=i)
               for i, n in enumerate(names)}
     with tempfile.TemporaryDirectory() as tmp, \
-            LocalKaasCluster(args.workers, backend="cpu", dashboard_address=None) as cluster, \
+            LocalKaasCluster(args.workers, backend="cpu",
+                             dashboard_address="127.0.0.1:0") as cluster, \
             KaasClient(cluster) as direct:
         tenants_file = os.path.join(tmp, "tenants.yaml")
         with open(tenants_file, "w") as f:
@@ -98,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
             for n, w in zip(names, weights):
                 f.write(f"  {n}: {{token_sha256: {token_digest(tokens[n])}, weight: {w}, "
                         f"max_in_flight: {args.clients * 2}}}\n")
+            f.write(f"operators:\n  ops: {{token_sha256: {token_digest(OPS_TOKEN)}}}\n")
         proc, address = _start_gateway(cluster.scheduler_address, tenants_file)
         try:
             for n in names:
@@ -107,9 +131,14 @@ def run(args: argparse.Namespace) -> int:
                          getattr(models[n], buf).tobytes(), tokens[n])
             result: dict[str, Any] = {"workers": args.workers, "clients": args.clients,
                                       "duration_s": args.duration, "dims": dims,
-                                      "gateway": address}
+                                      "gateway": address, "cpus": os.cpu_count(),
+                                      "load_average": os.getloadavg()[0]}
+            inside = _server_latency(address)
             result["latency"] = _latency(args, th, address, direct, graph, models[names[0]],
                                          tokens[names[0]])
+            inside_after = _server_latency(address)
+            result["latency"]["gateway_inside_mean_ms"] = (
+                (inside_after[0] - inside[0]) / max(inside_after[1] - inside[1], 1) * 1e3)
             result["load"] = _load(args, th, address, names, weights, tokens, models)
         finally:
             proc.terminate()
@@ -203,10 +232,12 @@ def _load(args: argparse.Namespace, th: Any, address: str, names: list[str],
 
 def _print(r: dict[str, Any]) -> None:
     lat, load = r["latency"], r["load"]
-    print(f"gateway {r['gateway']}, {r['workers']} CPU workers, MLP {r['dims']}")
+    print(f"gateway {r['gateway']}, {r['workers']} CPU workers, MLP {r['dims']}, "
+          f"{r['cpus']} CPUs, load average {r['load_average']:.1f}")
     print(f"single requests ({lat['requests']} each): gateway p50 {lat['gateway_p50_ms']:.2f} ms, "
           f"direct KaasClient p50 {lat['direct_p50_ms']:.2f} ms, ratio {lat['ratio']:.2f}x "
-          f"(p99 {lat['gateway_p99_ms']:.1f} vs {lat['direct_p99_ms']:.1f} ms)")
+          f"(p99 {lat['gateway_p99_ms']:.1f} vs {lat['direct_p99_ms']:.1f} ms); inside the "
+          f"gateway (submit to result) mean {lat['gateway_inside_mean_ms']:.2f} ms")
     print(f"load: {r['clients']} HTTP clients for {r['duration_s']:g} s, "
           f"{load['throughput_per_s']:.1f} requests/s, wrong results {load['wrong']}, "
           f"errors {load['errors']}")

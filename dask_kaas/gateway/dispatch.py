@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import inspect
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -49,6 +50,7 @@ from .registry import Model
 from .tenants import Principal
 
 logger = logging.getLogger(__name__)
+_SUBMIT_TAKES_TIMEOUT = "timeout" in inspect.signature(KaasClient.submit_kernel_graph).parameters
 
 
 class Dispatcher:
@@ -103,8 +105,10 @@ class Dispatcher:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
+        # Where the client takes a time limit, the worker enforces it as well.
+        limit = {"timeout": timeout_s} if _SUBMIT_TAKES_TIMEOUT else {}
         submitted = loop.run_in_executor(self.pool, lambda: self.client.submit_kernel_graph(
-            graph, inputs, tenant=tenant, weight=weight))
+            graph, inputs, tenant=tenant, weight=weight, **limit))
         try:
             fut: Future = await asyncio.wait_for(asyncio.shield(submitted), timeout_s)
         except (asyncio.TimeoutError, asyncio.CancelledError) as e:

@@ -19,11 +19,13 @@ from typing import TYPE_CHECKING, Any
 from tornado.web import HTTPError, RequestHandler, stream_request_body
 
 from .. import __version__
+from ..graph import errors as graph_errors
 from ..graph.errors import KaasError, NoKaasWorkersError
 from .errors import (
     BadRequestError,
     ForbiddenError,
     GatewayError,
+    GatewayTimeoutError,
     ModelNotFoundError,
     NotFoundError,
     PayloadTooLargeError,
@@ -43,6 +45,8 @@ OPEN, TENANT, OPERATOR = "open", "tenant", "operator"
 #: Status recorded for a request whose caller went away (nginx's convention).
 CLIENT_CLOSED = 499
 VERSION = "1"
+#: the worker-side time limit's error, where this version of dask_kaas has one
+REQUEST_TIMEOUT: Any = getattr(graph_errors, "RequestTimeoutError", ())
 
 
 class BaseHandler(RequestHandler):
@@ -286,6 +290,8 @@ class InferHandler(BodyHandler):
                 raise
             except NoKaasWorkersError as e:
                 raise HTTPError(503, str(e)) from None
+            except REQUEST_TIMEOUT as e:  # the worker's own time limit
+                raise GatewayTimeoutError(str(e)) from None
             except KaasError as e:
                 raise BadRequestError(str(e)) from None
             except Exception as e:  # noqa: BLE001 - the cluster failed the request
