@@ -16,12 +16,48 @@ from tornado.netutil import bind_sockets
 from ..client import KaasClient
 from .dispatch import Dispatcher
 from .errors import TenantsFileError
-from .handlers import NotFoundHandler, routes
+from .handlers import (
+    LiveHandler,
+    NotFoundHandler,
+    ReadyHandler,
+    ServerMetadataHandler,
+)
 from .metrics import GatewayMetrics
+from .model_routes import (
+    ConstHandler,
+    InferHandler,
+    MetadataHandler,
+    ModelHandler,
+    ModelListHandler,
+    ModelReadyHandler,
+)
+from .operator_routes import ClearCachesHandler, MetricsHandler, PolicyHandler, WeightHandler
 from .registry import ModelRegistry
 from .tenants import Principal, TenantBook
 
 logger = logging.getLogger(__name__)
+
+
+def routes(gateway: Gateway) -> list[tuple[str, type, dict[str, Any]]]:
+    """The URL table (anything else is a JSON 404)."""
+    name = r"([^/]+)"
+    version = r"(?:/versions/([^/]+))?"
+    kw = {"gateway": gateway}
+    return [
+        (r"/v2/health/live", LiveHandler, kw),
+        (r"/v2/health/ready", ReadyHandler, kw),
+        (r"/v2/?", ServerMetadataHandler, kw),
+        (rf"/v2/models/{name}{version}/ready", ModelReadyHandler, kw),
+        (rf"/v2/models/{name}{version}/infer", InferHandler, kw),
+        (rf"/v2/models/{name}{version}", MetadataHandler, kw),
+        (r"/v1/models/?", ModelListHandler, kw),
+        (rf"/v1/models/{name}/consts/{name}", ConstHandler, kw),
+        (rf"/v1/models/{name}", ModelHandler, kw),
+        (rf"/v1/tenants/{name}/weight", WeightHandler, kw),
+        (r"/v1/policy", PolicyHandler, kw),
+        (r"/v1/caches/clear", ClearCachesHandler, kw),
+        (r"/metrics", MetricsHandler, kw),
+    ]
 
 
 class Gateway:
