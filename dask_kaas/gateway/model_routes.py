@@ -71,7 +71,7 @@ class ConstHandler(BodyHandler):
         self.finish()
 
 
-# -- tenant routes: KServe v2 --------------------------------------------------
+# -- KServe v2 ---------------------------------------------------------------------
 class MetadataHandler(BaseHandler):
     def get(self, name: str, version: str | None = None) -> None:
         model = self.model(name, version)
@@ -105,11 +105,7 @@ class InferHandler(BodyHandler):
         self.gw.metrics.in_flight.labels(self.principal.name).inc()
         start = time.perf_counter()
         try:
-            timeout = min(self.gw.request_timeout, request.timeout_s or math.inf)
-            consts = await self.gw.dispatcher.const_inputs(model)
-            self._task = asyncio.ensure_future(self.gw.dispatcher.run(
-                model.graph, {**request.inputs, **consts}, self.principal.name,
-                self.gw.weight_of(self.principal), timeout))
+            self._task = asyncio.ensure_future(self._infer(model, request))
             try:
                 results = await self._task
             except asyncio.CancelledError:
@@ -139,6 +135,14 @@ class InferHandler(BodyHandler):
         self.gw.metrics.latency.labels(self.principal.name, name).observe(
             time.perf_counter() - start)
         self.finish(payload)
+
+    async def _infer(self, model: Any, request: Any) -> dict[str, Any]:
+        assert self.principal is not None
+        timeout = min(self.gw.request_timeout, request.timeout_s or math.inf)
+        consts = await self.gw.dispatcher.const_inputs(model)
+        return await self.gw.dispatcher.run(model.graph, {**request.inputs, **consts},
+                                            self.principal.name,
+                                            self.gw.weight_of(self.principal), timeout)
 
     def on_connection_close(self) -> None:
         """The caller went away: cancel its request (and the Dask future)."""
