@@ -587,3 +587,11 @@ def test_cli_refuses_a_bad_tenants_file(tmp_path):
                            "tcp://127.0.0.1:9", "--tenants", str(path)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "token_sha256" in proc.stderr
+    path.write_text(tenants_yaml({"alice": {"token": "a"}}, {}))
+    for flags in (["--max-body-size", "lots"], ["--request-timeout", "-5"],
+                  ["--request-timeout", "nan"], ["--max-body-size", "0"],
+                  ["--tls-cert", str(path)], ["--tls-cert", str(path), "--tls-key", str(path)]):
+        proc = subprocess.run([sys.executable, "-m", "dask_kaas.gateway", "--scheduler",
+                               "tcp://127.0.0.1:9", "--tenants", str(path), *flags],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and "dask-kaas gateway:" in proc.stderr, flags

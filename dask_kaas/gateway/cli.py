@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import ssl
 import sys
 
@@ -50,6 +51,10 @@ def run(args: argparse.Namespace) -> int:
         max_body = parse_bytes(args.max_body_size)
         timeout = parse_timedelta(args.request_timeout, default="s")
         max_const = parse_bytes(args.max_const_bytes)
+        if not (math.isfinite(timeout) and timeout > 0) or max_body < 1 or max_const < 0 \
+                or args.max_models < 1 or args.submit_threads < 1:
+            raise ValueError("--request-timeout, --max-body-size, --max-models and "
+                             "--submit-threads must be positive")
         TenantBook.load(args.tenants)  # refuse a bad file before connecting
     except (ValueError, OSError, TypeError, KeyError, KaasError) as e:
         print(f"dask-kaas gateway: {e}", file=sys.stderr)
