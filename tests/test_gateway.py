@@ -125,7 +125,7 @@ def slow_ref(x):
 
 
 # -- the happy path, with tritonclient ------------------------------------------------
-def test_tritonclient_binary_and_json_tensors(gw):
+def test_tritonclient_binary_and_json_tensors(gw, kaas):
     register(gw, "alice", "layer", layer_graph(), {"w": W, "b": B})
     c = triton(gw)
     assert c.is_server_live() and c.is_server_ready()
@@ -147,6 +147,8 @@ def test_tritonclient_binary_and_json_tensors(gw):
     status, doc = gw.json("GET", "/v1/models", token=TOKENS["alice"])
     assert status == 200 and [m["name"] for m in doc["models"]] == ["layer"]
     assert doc["models"][0]["ready"] is True
+    # the tenant's name and weight come from the tenants file
+    assert kaas[1].kaas_stats()["weights"]["alice"] == 2.0
 
 
 def test_curl_style_json_and_allowed_cpu_function(gw):

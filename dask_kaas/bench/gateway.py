@@ -140,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
             result["latency"]["gateway_inside_mean_ms"] = (
                 (inside_after[0] - inside[0]) / max(inside_after[1] - inside[1], 1) * 1e3)
             result["load"] = _load(args, th, address, names, weights, tokens, models)
+            result["load"]["scheduler_weights"] = {
+                n: w for n, w in direct.kaas_stats()["weights"].items() if n in names}
         finally:
             proc.terminate()
             proc.wait(30)
@@ -184,15 +186,23 @@ def _load(args: argparse.Namespace, th: Any, address: str, names: list[str],
     latencies: dict[str, list[float]] = {n: [] for n in names}
     counts = {"wrong": 0, "errors": 0}
     lock = threading.Lock()
-    start = time.perf_counter()
-    stop_at = start + args.duration
+
+    # Inputs and their NumPy answers are made before the clock starts, so the
+    # load generator spends its time sending requests, not computing references.
+    work = []
+    for i in range(args.clients):
+        tenant = names[i % len(names)]
+        rng = np.random.default_rng(100 + i)
+        xs = [rng.standard_normal((args.batch, 512)).astype(np.float32) for _ in range(8)]
+        work.append((tenant, [(x, models[tenant].reference(x)) for x in xs]))
 
     def client_loop(i: int) -> None:
-        tenant = names[i % len(names)]
+        tenant, pairs = work[i]
         client = th.InferenceServerClient(address, network_timeout=120.0)
-        rng = np.random.default_rng(100 + i)
+        n = 0
         while time.perf_counter() < stop_at:
-            x = rng.standard_normal((args.batch, 512)).astype(np.float32)
+            x, expected = pairs[n % len(pairs)]
+            n += 1
             t0 = time.perf_counter()
             try:
                 y = _infer(client, x, tokens[tenant])
@@ -201,13 +211,15 @@ def _load(args: argparse.Namespace, th: Any, address: str, names: list[str],
                     counts["errors"] += 1
                 continue
             t1 = time.perf_counter()
-            ok = np.allclose(y, models[tenant].reference(x), rtol=1e-3, atol=1e-3)
+            ok = np.allclose(y, expected, rtol=1e-3, atol=1e-3)
             with lock:
                 done[tenant].append(t1 - start)
                 latencies[tenant].append(t1 - t0)
                 counts["wrong"] += not ok
 
     threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(args.clients)]
+    start = time.perf_counter()
+    stop_at = start + args.duration
     for t in threads:
         t.start()
     for t in threads:
