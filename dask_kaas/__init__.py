@@ -31,7 +31,7 @@ __all__ = [  # noqa: F405 - the graph model's names come from the star import
     "KaasClient", "KaasError", "KaasSchedulerPlugin", "KaasWorkerPlugin", "Kernel",
     "KernelDefinitionError", "KernelExecutionError", "KernelGraph", "KernelGraphFuture",
     "Launch", "LaunchConfigError", "LiteralTypeError", "LocalKaasCluster", "MissingInputError",
-    "NoKaasWorkersError", "Out", "SerializationError", "UnexpectedInputError",
-    "UninitializedReadError", "UnknownBufferError", "UnwrittenOutputError", "kaas_set_weight",
-    "kaas_stats", "map_kernel_graph", "submit_kernel_graph",
+    "NoKaasWorkersError", "Out", "RequestTimeoutError", "SerializationError",
+    "UnexpectedInputError", "UninitializedReadError", "UnknownBufferError", "UnwrittenOutputError",
+    "kaas_set_weight", "kaas_stats", "map_kernel_graph", "submit_kernel_graph",
 ]

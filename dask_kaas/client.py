@@ -33,6 +33,7 @@ from .graph.errors import (
     UnknownBufferError,
 )
 from .graph.graph import KernelGraph
+from .limits import check_n_iter, request_timeout
 from .plugin.scheduler import KaasSchedulerPlugin
 from .plugin.tasks import run_kernel_graph, select_output
 from .request import ANNOTATION, SELECT_ROLE, GraphRequest, InputRef
@@ -180,23 +181,28 @@ def _state(client: Client) -> _ClientState:
 def submit_kernel_graph(graph: KernelGraph, inputs: Mapping[str, Any],
                         client: Client | None = None, *, tenant: str = "default",
                         keep_on_device: Iterable[str] = (), priority: int = 0,
-                        weight: float | None = None) -> KernelGraphFuture:
+                        weight: float | None = None, timeout: float | None = None
+                        ) -> KernelGraphFuture:
     """Validate ``graph`` with ``inputs`` here, then run it on the cluster.
 
     ``inputs`` maps each input/const buffer to a NumPy array or a Dask future
     (a scattered array, the result of a host task, or a kept output of an
     earlier graph).  Const arrays are identified by content and sent to the
-    cluster once.  Returns a :class:`KernelGraphFuture`.
+    cluster once.  ``timeout``: seconds the graph may run on its worker
+    (default ``kaas.request-timeout``); past it the request fails with
+    RequestTimeoutError.  Returns a :class:`KernelGraphFuture`.
     """
     (fut,) = map_kernel_graph(graph, [inputs], client, tenant=tenant,
-                              keep_on_device=keep_on_device, priority=priority, weight=weight)
+                              keep_on_device=keep_on_device, priority=priority, weight=weight,
+                              timeout=timeout)
     return fut
 
 
 def map_kernel_graph(graph: KernelGraph, inputs: Iterable[Mapping[str, Any]],
                      client: Client | None = None, *, tenant: str = "default",
                      keep_on_device: Iterable[str] = (), priority: int = 0,
-                     weight: float | None = None) -> list[KernelGraphFuture]:
+                     weight: float | None = None, timeout: float | None = None
+                     ) -> list[KernelGraphFuture]:
     """Submit one request of ``graph`` per mapping in ``inputs``, all at once.
 
     The whole batch reaches the scheduler in one message, so a burst of
@@ -208,6 +214,8 @@ def map_kernel_graph(graph: KernelGraph, inputs: Iterable[Mapping[str, Any]],
         raise KaasError(f"submit_kernel_graph needs a KernelGraph, got {type(graph).__name__}")
     if not isinstance(tenant, str) or not tenant:
         raise KaasError(f"tenant must be a non-empty string, got {tenant!r}", graph=graph.name)
+    timeout = request_timeout(timeout, graph.name)
+    check_n_iter(graph)
     state = _state(client)
     state.ensure()
     keep = _check_keep(graph, keep_on_device)
@@ -226,7 +234,7 @@ def map_kernel_graph(graph: KernelGraph, inputs: Iterable[Mapping[str, Any]],
         requests.append(GraphRequest(
             key=key, graph=graph.name, tenant=tenant, inputs=refs,
             keep={name: f"{key}-out-{name}" for name in keep}, nbytes=graph.nbytes,
-            priority=priority, weight=weight))
+            priority=priority, weight=weight, timeout=timeout))
     if not requests:
         return []
     resource = state.info.get("resource", config.get("resource", "GPU"))
@@ -347,19 +355,19 @@ class KaasClient(Client):
 
     def map_kernel_graph(self, graph: KernelGraph, inputs: Iterable[Mapping[str, Any]], *,
                          tenant: str = "default", keep_on_device: Iterable[str] = (),
-                         priority: int = 0, weight: float | None = None
-                         ) -> list[KernelGraphFuture]:
+                         priority: int = 0, weight: float | None = None,
+                         timeout: float | None = None) -> list[KernelGraphFuture]:
         return map_kernel_graph(graph, inputs, self, tenant=tenant,
                                 keep_on_device=keep_on_device, priority=priority,
-                                weight=weight)
+                                weight=weight, timeout=timeout)
 
     def submit_kernel_graph(self, graph: KernelGraph, inputs: Mapping[str, Any], *,
                             tenant: str = "default", keep_on_device: Iterable[str] = (),
-                            priority: int = 0, weight: float | None = None
-                            ) -> KernelGraphFuture:
+                            priority: int = 0, weight: float | None = None,
+                            timeout: float | None = None) -> KernelGraphFuture:
         return submit_kernel_graph(graph, inputs, self, tenant=tenant,
                                    keep_on_device=keep_on_device, priority=priority,
-                                   weight=weight)
+                                   weight=weight, timeout=timeout)
 
     def kaas_stats(self) -> dict[str, Any]:
         return kaas_stats(self)

@@ -37,6 +37,9 @@ class GraphRequest:
     priority: int = 0
     weight: float | None = None
     role: str = "graph"
+    #: Seconds the graph may run on its worker (None: the worker's
+    #: ``kaas.request-timeout``); checked again by the worker.
+    timeout: float | None = None
 
     @classmethod
     def from_annotation(cls, d: GraphRequest | dict[str, Any]) -> GraphRequest:

@@ -21,7 +21,7 @@ from dask_kaas import (
 )
 from dask_kaas.device.backend import make_backend
 from dask_kaas.device.cache import DeviceCache, Load
-from dask_kaas.device.runtime import WorkerRuntime
+from dask_kaas.device.runtime import Identities, WorkerRuntime
 from dask_kaas.request import GraphRequest, InputRef
 
 
@@ -158,6 +158,12 @@ def req(key, wid="w-id", keep=None):
                         keep=keep or {})
 
 
+def ids(wid="w-id", keep=None):
+    """What the worker plugin derives from the Dask keys it received: here
+    the input x is inline (private), the const w is cached as ``wid``."""
+    return Identities([None, wid], keep or {})
+
+
 def test_runtime_failure_leaves_cache_consistent():
     rt = WorkerRuntime(make_backend("cpu"), 10_000)
     X = np.ones((8, 8), np.float32)
@@ -166,11 +172,11 @@ def test_runtime_failure_leaves_cache_consistent():
     with pytest.raises(KernelExecutionError, match="bad_kernel.*ValueError: boom at row 3") as e:
         rt.run(bad, GraphRequest("k0", "mm", "t", [InputRef("x", 256, None),
                                                    InputRef("w", 256, "w-id", const=True)]),
-               [X, W])
+               [X, W], ids())
     assert e.value.graph == "mm" and e.value.launch == 0
     assert rt.cache._private_bytes == 0
     assert all(e.pins == 0 for e in rt.cache._entries.values())
-    out, report = rt.run(mm_graph(), req("k1"), [X, W])
+    out, report = rt.run(mm_graph(), req("k1"), [X, W], ids())
     np.testing.assert_array_equal(out["y"], X @ W)
     assert report["hits"] == 1  # the const loaded by the failed request stayed valid
     assert rt.stats()["errors"] == 1 and rt.stats()["graphs_run"] == 2
@@ -179,14 +185,15 @@ def test_runtime_failure_leaves_cache_consistent():
 def test_runtime_checks_values_only_the_worker_sees():
     rt = WorkerRuntime(make_backend("cpu"), 10_000)
     with pytest.raises(InputMismatchError, match="'w'.*float64"):
-        rt.run(mm_graph(), req("k"), [np.ones((8, 8), np.float32), np.ones((8, 8))])
+        rt.run(mm_graph(), req("k"), [np.ones((8, 8), np.float32), np.ones((8, 8))], ids())
     assert rt.cache.used_bytes == 0
 
 
 def test_kept_output_handle_lifecycle():
     rt = WorkerRuntime(make_backend("cpu"), 10_000)
     X = np.ones((8, 8), np.float32)
-    out, _ = rt.run(mm_graph(), req("k", keep={"y": "k-y"}), [X, np.eye(8, dtype=np.float32)])
+    out, _ = rt.run(mm_graph(), req("k", keep={"y": "k-y"}), [X, np.eye(8, dtype=np.float32)],
+                    ids(keep={"y": "k-y"}))
     h = out["y"]
     assert h.on_device and "k-y" in rt.cache
     np.testing.assert_array_equal(np.asarray(h), X)
@@ -227,11 +234,11 @@ class FlakyBackend:
         class _Flaky(CpuBackend):
             left = failures
 
-            def empty(self, shape, dtype, stream):
+            def zeros(self, shape, dtype, stream):  # what graphs' own buffers use
                 if type(self).left > 0:
                     type(self).left -= 1
                     raise MemoryError("out of device memory")
-                return super().empty(shape, dtype, stream)
+                return super().zeros(shape, dtype, stream)
 
         return _Flaky()
 
@@ -239,13 +246,13 @@ class FlakyBackend:
 def test_real_out_of_memory_empties_the_cache_and_retries_once():
     X, W = np.ones((8, 8), np.float32), np.eye(8, dtype=np.float32)
     rt = WorkerRuntime(FlakyBackend(0), 10_000)
-    rt.run(mm_graph(), req("warm", wid="other"), [X, W])
+    rt.run(mm_graph(), req("warm", wid="other"), [X, W], ids("other"))
     assert "other" in rt.cache
     rt.backend = rt.cache.backend = FlakyBackend(1)
-    out, _ = rt.run(mm_graph(), req("k1"), [X, W])
+    out, _ = rt.run(mm_graph(), req("k1"), [X, W], ids())
     np.testing.assert_array_equal(out["y"], X @ W)
     assert "other" not in rt.cache  # emptied to make room
     rt.backend = rt.cache.backend = FlakyBackend(2)
     with pytest.raises(DeviceOutOfMemoryError, match="even after emptying"):
-        rt.run(mm_graph(), req("k2"), [X, W])
+        rt.run(mm_graph(), req("k2"), [X, W], ids())
     assert rt.cache._private_bytes == 0

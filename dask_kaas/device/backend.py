@@ -66,6 +66,14 @@ class Backend(abc.ABC):
     def empty(self, shape: tuple[int, ...], dtype: np.dtype, stream: Any) -> Any:
         """Allocate uninitialized device memory."""
 
+    def zeros(self, shape: tuple[int, ...], dtype: np.dtype, stream: Any) -> Any:
+        """Allocate device memory set to zero (ordered on ``stream``): what a
+        graph's outputs and temps start as, so no request ever sees bytes an
+        earlier one left behind."""
+        arr = self.empty(shape, dtype, stream)
+        arr.fill(0)
+        return arr
+
     @abc.abstractmethod
     def to_device(self, host: np.ndarray, stream: Any) -> Any:
         """Copy a host array into new device memory."""

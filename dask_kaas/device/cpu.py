@@ -39,6 +39,9 @@ class CpuBackend(Backend):
     def empty(self, shape: tuple[int, ...], dtype: np.dtype, stream: Any) -> np.ndarray:
         return np.empty(shape, dtype)
 
+    def zeros(self, shape: tuple[int, ...], dtype: np.dtype, stream: Any) -> np.ndarray:
+        return np.zeros(shape, dtype)
+
     def to_device(self, host: np.ndarray, stream: Any) -> np.ndarray:
         return np.array(host, copy=True, order="C")
 

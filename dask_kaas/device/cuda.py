@@ -189,6 +189,11 @@ class CudaBackend(Backend):
         with stream:
             return self.cupy.empty(shape, dtype)
 
+    def zeros(self, shape: tuple[int, ...], dtype: np.dtype, stream: Any) -> Any:
+        # cupy.zeros is an allocation plus a memsetAsync on the current stream.
+        with stream:
+            return self.cupy.zeros(shape, dtype)
+
     def to_device(self, host: np.ndarray, stream: Any) -> Any:
         src = np.ascontiguousarray(host)
         with stream:

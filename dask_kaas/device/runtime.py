@@ -7,6 +7,11 @@ in program order ``n_iter`` times on the slot's stream, and hand back host
 copies of its outputs (or DeviceArray handles for outputs kept on the device).
 Whatever happens, the reservation is released, so a failing kernel fails its
 own request and leaves the cache consistent for the next one.
+
+What a request says about itself is not trusted: cache identities come from
+the Dask keys the worker really received (:class:`Identities`), outputs and
+temps start zeroed, and anything a kernel raises (``SystemExit`` included)
+becomes that request's KernelExecutionError.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,11 +39,14 @@ from ..graph.graph import KernelGraph
 from ..graph.launch import ArgRef
 from ..graph.library import graph_temp_bytes
 from ..graph.validate import check_shared_memory
+from ..limits import check_n_iter
 from ..request import GraphRequest
+from . import deadline
 from .backend import Backend
 from .cache import DeviceCache, Load
 from .handles import DeviceArray
 from .kernel_cache import KernelCache
+from .user_errors import user_failure
 
 
 def host_source(graph: KernelGraph, buf: Buffer, value: Any) -> Callable[[], np.ndarray]:
@@ -57,9 +66,22 @@ def host_source(graph: KernelGraph, buf: Buffer, value: Any) -> Callable[[], np.
     return lambda: np.ascontiguousarray(value)
 
 
+@dataclass
+class Identities:
+    """Cache identities of one request, derived from what the worker really
+    received (never from fields of the request, which a client can forge)."""
+
+    #: Per input (in ``request.inputs`` order): the Dask key its value came
+    #: from, or None for a value sent inline (private to the request).
+    inputs: list[str | None] = field(default_factory=list)
+    #: Output name -> buffer id of each output kept on the device.
+    keep: dict[str, str] = field(default_factory=dict)
+
+
 class WorkerRuntime:
     def __init__(self, backend: Backend, capacity_bytes: int, slots: int = 1,
-                 needed_soon: Callable[[], set[str]] | None = None) -> None:
+                 needed_soon: Callable[[], set[str]] | None = None,
+                 on_state_change: Callable[[], None] | None = None) -> None:
         self.backend = backend
         self.cache = DeviceCache(backend, capacity_bytes, needed_soon=needed_soon)
         self.kernels = KernelCache(backend)
@@ -71,9 +93,14 @@ class WorkerRuntime:
         self.graphs_run = 0
         self.errors = 0
         self.running = 0
-        #: Why the device is unusable (a sticky fault), or None.  Once set, the
-        #: worker plugin asks for the worker to be restarted.
+        #: Request key -> when its time limit passed, for requests whose
+        #: kernel still holds a slot: no new work for those slots.
+        self.overdue: dict[str, float] = {}
+        #: Why this worker's device can run nothing more (a sticky fault),
+        #: or None: a broken worker is restarted.
         self.broken: str | None = None
+        #: Called (from any thread) when ``overdue`` or ``broken`` changes.
+        self.on_state_change = on_state_change
 
     @contextlib.contextmanager
     def _slot(self) -> Iterator[Any]:
@@ -90,20 +117,29 @@ class WorkerRuntime:
     def stats(self) -> dict[str, Any]:
         snap = self.cache.snapshot()
         snap.update(graphs_run=self.graphs_run, errors=self.errors, running=self.running,
-                    slots=self.slots, kernels_compiled=self.kernels.compiles, broken=self.broken,
+                    slots=self.slots, kernels_compiled=self.kernels.compiles,
+                    overdue=sorted(self.overdue), broken=self.broken,
                     **self.backend.describe())
         return snap
 
     # -- running a graph -------------------------------------------------
-    def run(self, graph: KernelGraph, request: GraphRequest, values: Sequence[Any]
+    def run(self, graph: KernelGraph, request: GraphRequest, values: Sequence[Any],
+            ids: Identities | None = None, timeout: float | None = None
             ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Run one graph; return (outputs, report for the scheduler)."""
+        """Run one graph; return (outputs, report for the scheduler).
+
+        ``ids`` says which inputs are cacheable under which identity (None:
+        every input is private).  With a ``timeout`` the graph runs in a
+        thread of its own and RequestTimeoutError is raised once it has run
+        that long; its slot stays taken (see ``overdue``) until it returns.
+        """
         t0 = time.perf_counter()
         report: dict[str, Any] = {"key": request.key, "graph": graph.name,
                                   "tenant": request.tenant, "error": None,
                                   "started_at": time.time()}
+        ids = ids or Identities([None] * len(values))
         try:
-            outputs = self._run_retrying_oom(graph, request, values, report)
+            outputs = self._run_guarded(graph, request, values, ids, timeout, report)
         except KaasError as e:
             self._count(error=True)
             report["error"] = type(e).__name__
@@ -114,13 +150,40 @@ class WorkerRuntime:
         report["total_s"] = time.perf_counter() - t0
         return outputs, report
 
+    def _run_guarded(self, graph: KernelGraph, request: GraphRequest, values: Sequence[Any],
+                     ids: Identities, timeout: float | None, report: dict[str, Any]
+                     ) -> dict[str, Any]:
+        """Only a KaasError comes out of here, whatever the request does."""
+        try:
+            check_n_iter(graph)
+            return deadline.run_within(
+                lambda: self._run_retrying_oom(graph, request, values, ids, report),
+                timeout, on_overdue=lambda: self._set_overdue(str(request.key), True),
+                on_late_return=lambda: self._set_overdue(str(request.key), False),
+                graph=graph.name)
+        except KaasError:
+            raise
+        except BaseException as e:  # noqa: BLE001 - one request fails, never the worker
+            failure = user_failure(KernelExecutionError, "request failed", e, graph=graph.name)
+        raise failure
+
+    def _set_overdue(self, key: str, overdue: bool) -> None:
+        with self._lock:
+            if overdue:
+                self.overdue[key] = time.monotonic()
+            else:
+                self.overdue.pop(key, None)
+        if self.on_state_change is not None:
+            self.on_state_change()
+
     def _run_retrying_oom(self, graph: KernelGraph, request: GraphRequest,
-                          values: Sequence[Any], report: dict[str, Any]) -> dict[str, Any]:
+                          values: Sequence[Any], ids: Identities,
+                          report: dict[str, Any]) -> dict[str, Any]:
         """A real out-of-memory despite the accounting (fragmentation): empty
         the cache and try once more, then give up with a KaasError."""
         for attempt in (1, 2):
             try:
-                return self._run(graph, request, values, report)
+                return self._run(graph, request, values, ids, report)
             except KaasError:
                 raise
             except Exception as e:  # noqa: BLE001 - only a real out-of-memory is retried
@@ -141,16 +204,21 @@ class WorkerRuntime:
             self.errors += error
 
     def _run(self, graph: KernelGraph, request: GraphRequest, values: Sequence[Any],
-             report: dict[str, Any]) -> dict[str, Any]:
+             ids: Identities, report: dict[str, Any]) -> dict[str, Any]:
+        names = [b.name for b in graph.inputs]
+        if request.input_names != names or len(values) != len(names) \
+                or len(ids.inputs) != len(names):
+            raise InputMismatchError(
+                f"the request carries inputs {request.input_names[:20]!r} "
+                f"({len(values)} values) but the graph's are {names!r}", graph=graph.name)
         written = graph.written_buffers()
         alloc = self.backend.alloc_size
         loads: list[Load] = []
         cached_names: dict[str, str] = {}
         private_inputs: list[tuple[Buffer, Callable[[], np.ndarray]]] = []
-        for ref, value in zip(request.inputs, values):
+        for ref, value, bid in zip(request.inputs, values, ids.inputs):
             buf = graph.buffers[ref.name]
             source = host_source(graph, buf, value)
-            bid = value.buffer_id if isinstance(value, DeviceArray) else ref.buffer_id
             if bid is not None and buf.name not in written:
                 loads.append(Load(bid, buf.nbytes, source, const=buf.kind == BufferKind.CONST))
                 cached_names[buf.name] = bid
@@ -167,6 +235,7 @@ class WorkerRuntime:
             t_wait = time.perf_counter()
             res = self.cache.reserve(loads, private_bytes, stream, graph.name)
             report["memory_wait_s"] = time.perf_counter() - t_wait
+            deadline.started()  # the request's time limit counts from here
             keep: dict[str, tuple[Any, int, Any]] = {}
             arrays: dict[str, Any] = {}
             kept: dict[str, tuple[Any, int, Any]] | None = None
@@ -181,14 +250,16 @@ class WorkerRuntime:
                         self.cache.count_private_load(res, host.nbytes,
                                                       time.perf_counter() - t1)
                     for buf in own:
-                        arrays[buf.name] = self.backend.empty(buf.shape, buf.dtype, stream)
+                        # Zeroed: a kernel that skips an element must not hand
+                        # out what an earlier request left in that memory.
+                        arrays[buf.name] = self.backend.zeros(buf.shape, buf.dtype, stream)
                     t_exec = time.perf_counter()
                     self._launch_all(graph, arrays, stream)
                     self.backend.synchronize(stream)
                     report["exec_s"] = time.perf_counter() - t_exec
                     outputs: dict[str, Any] = {}
                     for buf in graph.outputs:
-                        ref_id = request.keep.get(buf.name)
+                        ref_id = ids.keep.get(buf.name)
                         if ref_id is None:
                             outputs[buf.name] = self.backend.to_host(arrays[buf.name], stream)
                             continue
@@ -220,23 +291,28 @@ class WorkerRuntime:
             for index, (launch, fn) in enumerate(zip(graph.launches, compiled)):
                 args = [arrays[a.buffer.name] if isinstance(a, ArgRef) else a
                         for a in launch.args]
+                # The failure is raised after the except block, so that the
+                # original rides along only as the (checked) __cause__.
                 try:
                     fn(launch, args, stream)
+                    continue
                 except KaasError as e:
                     if e.graph is None:  # raised by the backend's launcher: say where
                         raise type(e)(e.detail, graph=graph.name, launch=index,
                                       kernel=launch.kernel.name) from None
                     raise
-                except Exception as e:  # noqa: BLE001 - any failure of user code
+                except BaseException as e:  # noqa: BLE001 - user code, SystemExit included
                     if self.backend.is_fatal(e):
                         raise self._device_fault(e, graph.name, index,
                                                  launch.kernel.name) from None
                     if self.backend.is_out_of_memory(e):
                         raise  # kernel temporaries: evict and retry (_run_retrying_oom)
                     it_note = f" (iteration {it})" if graph.n_iter > 1 else ""
-                    raise KernelExecutionError(
-                        f"kernel raised{it_note}: {type(e).__name__}: {e}",
-                        graph=graph.name, launch=index, kernel=launch.kernel.name) from None
+                    # Chained, so the client's traceback shows the kernel's frames.
+                    failure = user_failure(KernelExecutionError, f"kernel raised{it_note}", e,
+                                           graph=graph.name, launch=index,
+                                           kernel=launch.kernel.name)
+                raise failure
 
     def _device_fault(self, exc: BaseException, graph: str, launch: int | None = None,
                       kernel: str | None = None) -> DeviceFaultError:

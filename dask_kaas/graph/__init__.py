@@ -18,6 +18,7 @@ from .errors import (
     LiteralTypeError,
     MissingInputError,
     NoKaasWorkersError,
+    RequestTimeoutError,
     SerializationError,
     UnexpectedInputError,
     UninitializedReadError,
@@ -36,6 +37,6 @@ __all__ = [
     "GraphTooLargeError", "In", "InOut", "InputError", "InputMismatchError", "KaasError",
     "Kernel", "KernelDefinitionError", "KernelExecutionError", "KernelGraph", "Launch",
     "LaunchConfigError", "LiteralTypeError", "MissingInputError", "NoKaasWorkersError",
-    "Out", "SerializationError", "UnexpectedInputError", "UninitializedReadError",
-    "UnknownBufferError", "UnwrittenOutputError",
+    "Out", "RequestTimeoutError", "SerializationError", "UnexpectedInputError",
+    "UninitializedReadError", "UnknownBufferError", "UnwrittenOutputError",
 ]

@@ -125,6 +125,10 @@ class DeviceFaultError(KernelExecutionError):
     """
 
 
+class RequestTimeoutError(KaasError):
+    """A request ran past its time limit (``timeout=`` or ``kaas.request-timeout``)."""
+
+
 class BackendUnavailableError(KaasError):
     """The requested device backend cannot run on this machine."""
 

@@ -30,6 +30,7 @@ from .placement import (
     WorkerView,
     make_policy,
 )
+from .restart import RestartGuard
 from .stats import TenantStats
 from .worker import PLUGIN_NAME, UPDATE_OP, KaasWorkerPlugin
 
@@ -66,6 +67,7 @@ class KaasSchedulerPlugin(SchedulerPlugin):
         self.worker_plugin = worker_plugin or KaasWorkerPlugin()
         self.resource = config.get("resource", "GPU")
         self.scheduler: Scheduler | None = None
+        self.restarts: RestartGuard | None = None
         self._init_state()
 
     def _init_state(self) -> None:
@@ -96,6 +98,7 @@ class KaasSchedulerPlugin(SchedulerPlugin):
     # -- lifecycle -------------------------------------------------------
     async def start(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
+        self.restarts = RestartGuard(scheduler)
         scheduler.handlers.update(self._handlers())
         scheduler.stream_handlers[UPDATE_OP] = self.handle_worker_update
         scheduler.extensions["kaas"] = self
@@ -106,6 +109,8 @@ class KaasSchedulerPlugin(SchedulerPlugin):
 
     async def close(self) -> None:
         dashboard.uninstall(self)
+        if self.restarts is not None:
+            self.restarts.close()
         if self.scheduler is not None:
             amm.uninstall(self.scheduler)
             for h in self._handlers():
@@ -119,10 +124,12 @@ class KaasSchedulerPlugin(SchedulerPlugin):
         assert s is not None
         views = []
         for ws in s.running:
-            slots = int(ws.resources.get(self.resource, 0) or 0)
-            if slots <= 0:
-                continue
             st = self.worker_stats.get(ws.address, {})
+            # Slots held by kernels past their time limit take no new work;
+            # a broken device takes none at all (it is being restarted).
+            slots = int(ws.resources.get(self.resource, 0) or 0) - len(st.get("overdue") or ())
+            if slots <= 0 or st.get("broken"):
+                continue
             queue = self.queues.get(ws.address, {})
             wait = max(0.0, self.free_at.get(ws.address, now) - now) if queue else 0.0
             used = max(st.get("used_bytes", 0), self.directory.expected_bytes(ws.address))
@@ -320,6 +327,8 @@ class KaasSchedulerPlugin(SchedulerPlugin):
             return
         if stats is not None:
             self.worker_stats[worker] = stats
+            if self.restarts is not None:
+                self.restarts.observe(worker, stats)
         if resident is not None:
             self.directory.reset_worker(worker, resident)
         for op, bid, nbytes in events:
@@ -351,6 +360,8 @@ class KaasSchedulerPlugin(SchedulerPlugin):
                       stimulus_id: str | None = None, **kwargs: Any) -> None:
         self.directory.forget_worker(worker)
         self.worker_stats.pop(worker, None)
+        if self.restarts is not None:
+            self.restarts.forget(worker)
         self.queues.pop(worker, None)
         self.free_at.pop(worker, None)
         self._replace(lambda rec: rec.worker == worker, stimulus_id or "kaas-remove-worker")

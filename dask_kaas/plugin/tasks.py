@@ -2,15 +2,20 @@
 
 They are plain task functions, so every Dask mechanism (dependencies,
 retries, recomputation after a lost worker, the task stream) applies to
-kernel graphs unchanged.
+kernel graphs unchanged.  Whatever a request does, only a KaasError leaves
+here: the worker survives any kernel.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from ..device.user_errors import user_failure
+from ..graph.errors import KaasError, KernelExecutionError
 from ..graph.graph import KernelGraph
+from ..limits import request_timeout
 from ..request import GraphRequest
+from .identity import running_identities
 from .worker import worker_runtime
 
 
@@ -18,15 +23,27 @@ def run_kernel_graph(graph: KernelGraph, request: GraphRequest, *values: Any) ->
     """Run ``graph`` on this worker's device with input ``values`` (in the
     order of ``request.inputs``); returns {output name: array or DeviceArray}."""
     runtime, plugin = worker_runtime()
+    name = getattr(graph, "name", None)
     try:
-        outputs, report = runtime.run(graph, request, values)
-    except Exception as e:
-        plugin.report(getattr(e, "report", None) or {
-            "key": request.key, "graph": request.graph, "tenant": request.tenant,
-            "error": type(e).__name__})
-        raise
-    plugin.report(report)
-    return outputs
+        if not isinstance(graph, KernelGraph) or not isinstance(request, GraphRequest):
+            raise KaasError(f"not a kernel graph request: {type(graph).__name__}, "
+                            f"{type(request).__name__}")
+        if runtime.broken is not None:
+            plugin.await_restart(runtime.broken)
+        ids = running_identities(plugin.worker, request.keep, len(values))
+        timeout = request_timeout(request.timeout, graph.name)
+        outputs, report = runtime.run(graph, request, values, ids, timeout)
+    except KaasError as e:
+        failure: KaasError = e
+    except BaseException as e:  # noqa: BLE001 - the worker lives on, whatever happened
+        failure = user_failure(KernelExecutionError, "request failed", e, graph=name)
+    else:
+        plugin.report(report)
+        return outputs
+    plugin.report(getattr(failure, "report", None) or {
+        "key": getattr(request, "key", None), "graph": name,
+        "tenant": getattr(request, "tenant", None), "error": type(failure).__name__})
+    raise failure
 
 
 def select_output(outputs: dict[str, Any], name: str) -> Any:

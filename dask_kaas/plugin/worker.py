@@ -19,8 +19,10 @@ from tornado.ioloop import PeriodicCallback
 from .. import config
 from ..device.backend import make_backend
 from ..device.runtime import WorkerRuntime
-from ..graph.errors import NoKaasWorkersError
+from ..graph.errors import KaasError, NoKaasWorkersError
 from ..request import GraphRequest
+from .health import Health
+from .identity import value_keys
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -29,6 +31,9 @@ logger = logging.getLogger(__name__)
 
 PLUGIN_NAME = "dask-kaas"
 UPDATE_OP = "kaas-worker-update"
+#: How long past the grace period a request on a broken device waits for the
+#: restart that moves it elsewhere.
+RESTART_WAIT_S = 30.0
 
 
 class KaasWorkerPlugin(WorkerPlugin):
@@ -50,6 +55,7 @@ class KaasWorkerPlugin(WorkerPlugin):
         self._queued: dict[Any, tuple[str, ...]] = {}
         self._queued_lock = threading.Lock()
         self._callback: PeriodicCallback | None = None
+        self.health = Health()
 
     def __getstate__(self) -> dict[str, Any]:
         # Sent from the scheduler to every worker: settings only.
@@ -75,7 +81,8 @@ class KaasWorkerPlugin(WorkerPlugin):
         # The CUDA backend sizes its RMM pool and keeps headroom for what the
         # cache cannot account (device/sizing.py).
         capacity = backend.cache_capacity(limit)
-        self.runtime = WorkerRuntime(backend, capacity, slots, needed_soon=self.needed_soon)
+        self.runtime = WorkerRuntime(backend, capacity, slots, needed_soon=self.needed_soon,
+                                     on_state_change=self.state_changed)
         worker.handlers["kaas_worker_stats"] = self.handle_stats
         worker.handlers["kaas_worker_clear"] = self.handle_clear
         interval = parse_timedelta(config.get("report-interval", "200ms")) * 1000
@@ -95,13 +102,19 @@ class KaasWorkerPlugin(WorkerPlugin):
 
     # -- look-ahead for eviction ------------------------------------------
     def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
-        """Track the cacheable inputs of graphs waiting on this worker."""
+        """Track the cacheable inputs of graphs waiting on this worker, and
+        the tasks executing here (see :mod:`.health`)."""
+        rt, worker = self.runtime, self.worker
+        if self.health.transition(key, start, finish) and rt is not None \
+                and rt.broken is not None and worker is not None:
+            worker.loop.add_callback(self.flush, None, True)
         if finish in ("ready", "constrained", "waiting"):
-            worker = self.worker
             ts = worker.state.tasks.get(key) if worker is not None else None
             request = _request_of(ts.run_spec) if ts is not None else None
             if request is not None:
-                ids = tuple(i.buffer_id for i in request.inputs if i.buffer_id)
+                # By Dask key, as the runtime identifies them (never the
+                # request's own buffer_id fields).
+                ids = tuple(k for k in value_keys(ts.run_spec) if k is not None)
                 with self._queued_lock:
                     self._queued[key] = ids
         elif key in self._queued:
@@ -128,11 +141,36 @@ class KaasWorkerPlugin(WorkerPlugin):
 
     # -- reports to the scheduler -----------------------------------------
     def report(self, report: dict[str, Any]) -> None:
-        """Called from the task's thread once a graph is done."""
-        worker = self.worker
+        """Called from the task's thread once a graph is done.  Statistics go
+        along at once while a slot is overdue: the scheduler must know before
+        it places the next graph."""
+        worker, rt = self.worker, self.runtime
         if worker is None:
             return
-        worker.loop.add_callback(self.flush, report)
+        urgent = rt is not None and bool(rt.overdue)
+        worker.loop.add_callback(self.flush, report, urgent)
+
+    def state_changed(self) -> None:
+        """The runtime's overdue slots or health changed (any thread)."""
+        worker = self.worker
+        if worker is not None:
+            worker.loop.add_callback(self.flush, None, True)
+
+    def await_restart(self, reason: str) -> None:
+        """Hold a request that reached a broken device until the scheduler
+        restarts this worker (Dask then runs the request elsewhere); fail it
+        only if no restart comes."""
+        import time
+
+        from ..limits import timeout_grace
+
+        worker = self.worker
+        if worker is not None:
+            self.health.park(worker.get_current_task())
+        self.state_changed()
+        time.sleep(timeout_grace() + RESTART_WAIT_S)
+        raise KaasError(f"worker {getattr(self.worker, 'address', '?')} cannot run kernels "
+                        f"({reason}) and was not restarted")
 
     def _periodic_flush(self) -> None:
         self.flush(with_stats=True)
@@ -159,6 +197,7 @@ class KaasWorkerPlugin(WorkerPlugin):
         stats = None
         if with_stats or not self._hello_sent:
             stats = rt.stats()
+            stats["broken"] = self.health.reportable(rt.broken)
             if stats == self._last_stats and self._hello_sent:
                 stats = None
         if not events and not self._pending_reports and stats is None:
