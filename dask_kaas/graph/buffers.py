@@ -52,6 +52,14 @@ class Buffer:
             other.name, other.shape, other.dtype, other.kind)
 
 
+#: Most dimensions of a buffer (NumPy allows 64; no kernel needs more than a few).
+MAX_NDIM = 32
+#: Most elements of a buffer: sizes stay exact in a float64 (JSON readers in
+#: other languages, the dashboard, Prometheus) and far above any device.
+MAX_ELEMENTS = 2**53
+MAX_DIM = MAX_ELEMENTS
+
+
 def normalize_shape(shape: object) -> tuple[int, ...]:
     if isinstance(shape, (int, np.integer)):
         shape = (shape,)
@@ -62,7 +70,12 @@ def normalize_shape(shape: object) -> tuple[int, ...]:
     for d in dims:
         if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 0:
             raise ValueError(f"shape dimensions must be non-negative ints, got {shape!r}")
-    return tuple(int(d) for d in dims)
+    if len(dims) > MAX_NDIM:
+        raise ValueError(f"shape has {len(dims)} dimensions, more than {MAX_NDIM}")
+    out = tuple(int(d) for d in dims)
+    if any(d > MAX_ELEMENTS for d in out) or math.prod(out) > MAX_ELEMENTS:
+        raise ValueError(f"shape {out} has more than 2**53 elements")
+    return out
 
 
 def normalize_dtype(dtype: object) -> np.dtype:

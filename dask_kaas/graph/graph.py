@@ -31,6 +31,7 @@ from .launch import (
     normalize_dims,
 )
 from .library import BUILTINS, LibraryArgError
+from .names import name_problem
 
 
 class KernelGraph:
@@ -45,8 +46,9 @@ class KernelGraph:
     """
 
     def __init__(self, name: str, n_iter: int = 1) -> None:
-        if not isinstance(name, str) or not name:
-            raise GraphError("a graph needs a non-empty string name")
+        problem = name_problem(name)
+        if problem:
+            raise GraphError(f"a graph name {problem}")
         if isinstance(n_iter, bool) or not isinstance(n_iter, (int, np.integer)) or n_iter < 1:
             raise GraphError(f"n_iter must be a positive int, got {n_iter!r}", graph=name)
         self.name = name
@@ -56,9 +58,9 @@ class KernelGraph:
 
     # -- buffers -------------------------------------------------------
     def _add_buffer(self, name: str, shape: Any, dtype: Any, kind: BufferKind) -> Buffer:
-        if not isinstance(name, str) or not name:
-            raise GraphError(f"buffer names must be non-empty strings, got {name!r}",
-                             graph=self.name)
+        problem = name_problem(name)
+        if problem:
+            raise GraphError(f"a buffer name {problem}", graph=self.name)
         if name in self.buffers:
             raise DuplicateBufferError(
                 f"a {self.buffers[name].kind.value} buffer of this name already exists",
@@ -247,6 +249,7 @@ class KernelGraph:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> KernelGraph:
+        """Read a graph from its dict form, as strictly as :meth:`from_json`."""
         from .serialize import graph_from_dict
 
         return graph_from_dict(d)
@@ -255,14 +258,13 @@ class KernelGraph:
         return json.dumps(self.to_dict(), **kwargs)
 
     @classmethod
-    def from_json(cls, text: str) -> KernelGraph:
-        from .errors import SerializationError
+    def from_json(cls, text: str | bytes) -> KernelGraph:
+        """Read a graph from JSON text or UTF-8 bytes.  Anything else, or any
+        malformed or hostile document, is a SerializationError naming the
+        field; see :mod:`dask_kaas.graph.reader` for the rules."""
+        from .serialize import graph_from_json
 
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SerializationError(f"not valid JSON: {e}") from None
-        return cls.from_dict(d)
+        return graph_from_json(text)
 
     # -- comparison ----------------------------------------------------
     def __eq__(self, other: object) -> bool:

@@ -8,48 +8,17 @@ kernel cache turns it into something callable for its backend, once.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import KernelDefinitionError, SerializationError
+from .errors import KernelDefinitionError
+from .functions import function_ref, read_function
 from .library import BUILTINS
+from .names import name_problem
 
-
-def function_ref(fn: Callable[..., Any]) -> str:
-    """``module:qualname`` of an importable function, for the JSON form."""
-    module = getattr(fn, "__module__", None)
-    qualname = getattr(fn, "__qualname__", None)
-    if not module or not qualname or "<" in qualname or module == "__main__":
-        raise SerializationError(
-            f"function {qualname or fn!r} cannot be named in JSON: only functions "
-            "importable as 'module:function' can (not lambdas, nested functions or "
-            "functions defined in __main__); submitting the graph from Python "
-            "still works")
-    try:
-        resolved = resolve_function(f"{module}:{qualname}")
-    except SerializationError:
-        resolved = None
-    if resolved is not fn:
-        raise SerializationError(
-            f"function {module}:{qualname} does not resolve back to itself on import")
-    return f"{module}:{qualname}"
-
-
-def resolve_function(ref: str) -> Callable[..., Any]:
-    module_name, _, qualname = ref.partition(":")
-    if not module_name or not qualname:
-        raise SerializationError(f"function reference {ref!r} is not 'module:function'")
-    try:
-        obj: Any = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as e:
-        raise SerializationError(f"cannot import function {ref!r}: {e}") from None
-    if not callable(obj):
-        raise SerializationError(f"{ref!r} is not callable")
-    return obj
+if TYPE_CHECKING:
+    from .reader import Where
 
 
 class Kernel:
@@ -86,7 +55,11 @@ class Kernel:
         NumPy scalars."""
         if not callable(fn):
             raise KernelDefinitionError(f"Kernel.array needs a callable, got {fn!r}")
-        return cls(cls.ARRAY, name or getattr(fn, "__name__", "array_kernel"), fn=fn)
+        name = name or getattr(fn, "__name__", None) or "array_kernel"
+        problem = name_problem(name)
+        if problem:
+            raise KernelDefinitionError(f"a kernel name {problem}")
+        return cls(cls.ARRAY, name, fn=fn)
 
     @classmethod
     def cuda(cls, source: str, name: str, cpu: Callable[..., Any] | None = None,
@@ -95,14 +68,20 @@ class Kernel:
         ``extern "C"`` function (or a template instantiation listed in
         ``name_expressions``); ``cpu`` is an array function with the same
         argument order used by the CPU backend."""
+        problem = name_problem(name)
+        if problem:
+            raise KernelDefinitionError(f"Kernel.cuda needs the function name: it {problem}")
         if not isinstance(source, str) or not source.strip():
             raise KernelDefinitionError("Kernel.cuda needs non-empty CUDA source", kernel=name)
-        if not isinstance(name, str) or not name:
-            raise KernelDefinitionError("Kernel.cuda needs the function name")
         if cpu is not None and not callable(cpu):
             raise KernelDefinitionError(f"cpu= must be callable, got {cpu!r}", kernel=name)
-        if any(not isinstance(o, str) for o in options):
-            raise KernelDefinitionError("NVRTC options must be strings", kernel=name)
+        if isinstance(options, str) or any(not isinstance(o, str) for o in options):
+            raise KernelDefinitionError("NVRTC options must be a list of strings",
+                                        kernel=name)
+        if isinstance(name_expressions, str) or any(
+                not isinstance(e, str) for e in name_expressions):
+            raise KernelDefinitionError("name_expressions must be a list of strings",
+                                        kernel=name)
         exprs = tuple(name_expressions)
         if exprs and name not in exprs:
             exprs = exprs + (name,)
@@ -180,26 +159,51 @@ class Kernel:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Kernel:
-        try:
-            kind = d["kind"]
-            name = d["name"]
-            cpu = resolve_function(d["cpu"]) if d.get("cpu") else None
-            if kind == cls.ARRAY:
-                return cls(cls.ARRAY, name, fn=resolve_function(d["fn"]))
-            if kind == cls.CUDA:
-                return cls(cls.CUDA, name, source=d["source"], options=d.get("options", ()),
-                           cpu=cpu, name_expressions=d.get("name_expressions", ()))
-            if kind == cls.CUDA_FILE:
-                import base64
+    def from_dict(cls, d: Any, at: Where | None = None) -> Kernel:
+        """Read a kernel's dict form strictly (exact fields and types) and
+        build it through the public constructors, so it is checked as one
+        built in Python."""
+        import base64
+        import binascii
 
-                return cls(cls.CUDA_FILE, name, image=base64.b64decode(d["image"]),
-                           image_format=d["format"], cpu=cpu)
-            if kind == cls.LIBRARY:
-                return cls.library(name)
-        except KeyError as e:
-            raise SerializationError(f"kernel description lacks field {e}") from None
-        raise SerializationError(f"unknown kernel kind {kind!r}", kernel=name)
+        from . import reader
+
+        at = at or reader.Where()
+        kinds = (cls.ARRAY, cls.CUDA, cls.CUDA_FILE, cls.LIBRARY)
+        kind = reader.one_of(reader.record(d, at, ("kind",), ("name", "fn", "source", "options",
+                             "name_expressions", "format", "image", "cpu"))["kind"],
+                             at.at("kind"), kinds)
+        fields = {cls.ARRAY: (("name", "fn"), ()),
+                  cls.CUDA: (("name", "source"), ("options", "name_expressions", "cpu")),
+                  cls.CUDA_FILE: (("name", "format", "image"), ("cpu",)),
+                  cls.LIBRARY: (("name",), ())}[kind]
+        d = reader.record(d, at, ("kind",) + fields[0], fields[1])
+        name = reader.name(d["name"], at.at("name"))
+        cpu = None
+        if d.get("cpu") is not None:
+            cpu = read_function(d["cpu"], at.at("cpu"))
+        if kind == cls.ARRAY:
+            return cls.array(read_function(d["fn"], at.at("fn")), name)
+        if kind == cls.CUDA:
+            return cls.cuda(reader.string(d["source"], at.at("source"), nonempty=True), name,
+                            cpu=cpu, options=reader.strings(d.get("options", []),
+                                                            at.at("options")),
+                            name_expressions=reader.strings(d.get("name_expressions", []),
+                                                            at.at("name_expressions")))
+        if kind == cls.CUDA_FILE:
+            fmt = reader.one_of(d["format"], at.at("format"), ("ptx", "cubin"))
+            try:
+                image = base64.b64decode(reader.string(d["image"], at.at("image")),
+                                         validate=True)
+            except (binascii.Error, ValueError) as e:
+                raise at.at("image").fail(f"is not base64: {e}") from None
+            if not image:
+                raise at.at("image").fail("a CUDA image cannot be empty")
+            return cls(cls.CUDA_FILE, name, image=image, image_format=fmt, cpu=cpu)
+        if name not in BUILTINS:
+            raise at.at("name").fail(f"unknown library kernel; known: "
+                                     f"{', '.join(sorted(BUILTINS))}")
+        return cls.library(name)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Kernel):
