@@ -24,6 +24,7 @@ from .plugin.worker import KaasWorkerPlugin
 __version__ = "0.1.0"
 
 __all__ = [  # noqa: F405 - the graph model's names come from the star import
+    "AccessDeniedError", "RequestParameterError", "TenantError",
     "ArgRef", "BackendUnavailableError", "Buffer", "BufferKind", "BufferRoleError",
     "DeviceArray", "DeviceArrayFuture", "DeviceFaultError", "DeviceOutOfMemoryError",
     "DuplicateBufferError",

@@ -21,16 +21,13 @@ import numpy as np
 from dask.base import tokenize
 from distributed import Client, Future, default_client
 
-from . import config
+from . import checks, config
 from .device.handles import DeviceArray
 from .graph.buffers import BufferKind
 from .graph.errors import (
-    BufferRoleError,
     GraphTooLargeError,
-    KaasError,
     KernelDefinitionError,
     NoKaasWorkersError,
-    UnknownBufferError,
 )
 from .graph.graph import KernelGraph
 from .limits import check_n_iter, request_timeout
@@ -164,7 +161,7 @@ class _ClientState:
         workers = list(self.current_info()["candidates"])
         chosen = random.sample(workers, min(2, len(workers))) if workers else None
         key = f"kaas-const-{tok}"
-        fut = self.client.scatter({key: np.ascontiguousarray(arr)}, workers=chosen,
+        fut = self.client.scatter({key: np.asarray(arr, order="C")}, workers=chosen,
                                   broadcast=bool(chosen), hash=False)[key]
         self.consts[tok] = fut
         return fut
@@ -209,21 +206,19 @@ def map_kernel_graph(graph: KernelGraph, inputs: Iterable[Mapping[str, Any]],
     requests is placed and prioritised together (and much faster than as
     many ``submit_kernel_graph`` calls).
     """
+    tenant, priority, weight = checks.check_submission(graph, tenant, priority, weight)
     client = client or default_client()
-    if not isinstance(graph, KernelGraph):
-        raise KaasError(f"submit_kernel_graph needs a KernelGraph, got {type(graph).__name__}")
-    if not isinstance(tenant, str) or not tenant:
-        raise KaasError(f"tenant must be a non-empty string, got {tenant!r}", graph=graph.name)
     timeout = request_timeout(timeout, graph.name)
     check_n_iter(graph)
     state = _state(client)
     state.ensure()
-    keep = _check_keep(graph, keep_on_device)
+    keep = checks.check_keep(graph, keep_on_device)
     capacity = state.max_capacity(graph.nbytes)
     _check_backends(graph, state.current_info())
     requests: list[GraphRequest] = []
     columns: list[list[Any]] = [[] for _ in graph.inputs]
     for one in inputs:
+        checks.check_input_values(graph, one)
         graph.validate(one, device_capacity=capacity)
         key = f"kaas-{graph.name}-{uuid.uuid4().hex}"
         refs = []
@@ -288,7 +283,7 @@ def _input_ref(state: _ClientState, buf: Any, value: Any) -> tuple[InputRef, Any
     if const:
         fut = state.const_future(np.asarray(value))
         return InputRef(buf.name, buf.nbytes, str(fut.key), str(fut.key), True), fut
-    return InputRef(buf.name, buf.nbytes, None, None, False), np.ascontiguousarray(value)
+    return InputRef(buf.name, buf.nbytes, None, None, False), np.asarray(value, order="C")
 
 
 def _check_backends(graph: KernelGraph, info: Mapping[str, Any]) -> None:
@@ -305,21 +300,6 @@ def _check_backends(graph: KernelGraph, info: Mapping[str, Any]) -> None:
                 graph=graph.name, launch=index, kernel=launch.kernel.name)
 
 
-def _check_keep(graph: KernelGraph, keep_on_device: Iterable[str]) -> list[str]:
-    if isinstance(keep_on_device, str):
-        keep_on_device = [keep_on_device]
-    names = list(keep_on_device)
-    for name in names:
-        buf = graph.buffers.get(name)
-        if buf is None:
-            raise UnknownBufferError("keep_on_device names a buffer the graph does not have",
-                                     graph=graph.name, buffer=name)
-        if buf.kind != BufferKind.OUTPUT:
-            raise BufferRoleError(f"only outputs can be kept on the device; this is a "
-                                  f"{buf.kind.value} buffer", graph=graph.name, buffer=name)
-    return names
-
-
 def kaas_stats(client: Client | None = None) -> dict[str, Any]:
     """Per-worker device-cache statistics and per-tenant request statistics."""
     client = client or default_client()
@@ -329,11 +309,11 @@ def kaas_stats(client: Client | None = None) -> dict[str, Any]:
 
 def kaas_set_weight(tenant: str, weight: float, client: Client | None = None) -> None:
     """Give ``tenant`` a fair-share weight (2.0 gets twice the device time of 1.0)."""
+    tenant = checks.check_tenant(tenant)
+    weight = checks.check_weight(weight, optional=False)
     client = client or default_client()
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
-        raise KaasError(f"tenant weight must be a positive number, got {weight!r}")
     _state(client).ensure()
-    client.sync(client.scheduler.kaas_set_weight, tenant=tenant, weight=float(weight))
+    client.sync(client.scheduler.kaas_set_weight, tenant=tenant, weight=weight)
 
 
 def kaas_set_policy(policy: str, client: Client | None = None) -> str:

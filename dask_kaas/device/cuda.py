@@ -195,7 +195,7 @@ class CudaBackend(Backend):
             return self.cupy.zeros(shape, dtype)
 
     def to_device(self, host: np.ndarray, stream: Any) -> Any:
-        src = np.ascontiguousarray(host)
+        src = np.asarray(host, order="C")  # keeps 0-d shapes
         with stream:
             dev = self.cupy.empty(src.shape, src.dtype)
         if src.nbytes < STAGING_THRESHOLD:

@@ -63,7 +63,7 @@ def host_source(graph: KernelGraph, buf: Buffer, value: Any) -> Callable[[], np.
             graph=graph.name, buffer=buf.name)
     if isinstance(value, DeviceArray):
         return value.get
-    return lambda: np.ascontiguousarray(value)
+    return lambda: np.asarray(value, order="C")  # keeps 0-d shapes
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from .buffers import Buffer, BufferKind
 from .errors import (
+    AccessDeniedError,
     BackendUnavailableError,
     BufferRoleError,
     DeviceFaultError,
@@ -18,8 +19,10 @@ from .errors import (
     LiteralTypeError,
     MissingInputError,
     NoKaasWorkersError,
+    RequestParameterError,
     RequestTimeoutError,
     SerializationError,
+    TenantError,
     UnexpectedInputError,
     UninitializedReadError,
     UnknownBufferError,
@@ -31,6 +34,7 @@ from .launch import ArgRef, In, InOut, Launch, Out
 from .library import BUILTINS
 
 __all__ = [
+    "AccessDeniedError", "RequestParameterError", "TenantError",
     "ArgRef", "BUILTINS", "BackendUnavailableError", "Buffer", "BufferKind",
     "BufferRoleError", "DeviceFaultError", "DeviceOutOfMemoryError", "DuplicateBufferError",
     "GraphError",

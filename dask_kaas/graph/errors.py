@@ -139,3 +139,17 @@ class DeviceOutOfMemoryError(KaasError):
 
 class NoKaasWorkersError(KaasError):
     """The cluster has no worker able to run kernel graphs."""
+
+
+class TenantError(KaasError):
+    """A tenant name is not a non-empty string of at most 200 characters."""
+
+
+class RequestParameterError(KaasError):
+    """A submission or handler parameter (priority, weight, policy, ...) is
+    of the wrong type or out of range."""
+
+
+class AccessDeniedError(KaasError):
+    """The caller's identity may not do this (an operator action, another
+    tenant's settings, or submitting as another tenant)."""
