@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 from typing import TYPE_CHECKING, Any
 
 import dask
@@ -12,6 +14,8 @@ if TYPE_CHECKING:
     from distributed import Scheduler
 
 PATH = "/kaas/state.json"
+
+logger = logging.getLogger(__name__)
 
 
 class KaasStateHandler(RequestHandler):
@@ -24,9 +28,34 @@ class KaasStateHandler(RequestHandler):
             self.set_status(404)
             self.write({"error": "dask_kaas is not installed on this scheduler"})
             return
-        state = await plugin.handle_state()
+        try:
+            body = encode(await plugin.handle_state())
+        except Exception as e:  # one bad answer, never a route that stays broken
+            logger.exception("kaas state for %s failed", PATH)
+            self.set_status(500)
+            self.write({"error": f"{type(e).__name__}: {e}"})
+            return
         self.set_header("Content-Type", "application/json")
-        self.write(json.dumps(state, default=_jsonable))
+        self.write(body)
+
+
+def encode(state: Any) -> str:
+    """Strict JSON (what a browser's JSON.parse accepts) of any state: keys
+    become strings, non-finite floats null, unknown objects their str."""
+    try:
+        return json.dumps(state, default=_jsonable, allow_nan=False)
+    except (TypeError, ValueError):
+        return json.dumps(_clean(state), default=_jsonable, allow_nan=False)
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def _jsonable(obj: Any) -> Any:

@@ -20,8 +20,9 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
 
 from .. import config, dashboard
+from ..graph.errors import KaasError
 from ..request import ANNOTATION, SELECT_ROLE, GraphRequest
-from . import amm
+from . import access, amm
 from .directory import BufferDirectory
 from .fairness import TenantQueue
 from .placement import (
@@ -176,7 +177,11 @@ class KaasSchedulerPlugin(SchedulerPlugin):
             ts = scheduler.tasks.get(key)
             if ts is None or ts.state not in ("released", "waiting", "no-worker"):
                 continue
-            request = GraphRequest.from_annotation(meta)
+            try:
+                request = access.admit(scheduler, kwargs.get("client"), meta)
+            except KaasError as e:
+                access.refuse(ts, e)
+                continue
             if request.role == SELECT_ROLE:
                 selects.append((ts, request))
                 continue
@@ -312,6 +317,7 @@ class KaasSchedulerPlugin(SchedulerPlugin):
             t.queue_waits.append(max(0.0, latency - busy))
 
     def tenant(self, name: str) -> TenantStats:
+        name = access.safe_tenant(name)
         t = self.tenants.get(name)
         if t is None:
             t = self.tenants[name] = TenantStats()
@@ -342,7 +348,8 @@ class KaasSchedulerPlugin(SchedulerPlugin):
             rec = self.requests.get(report.get("key"))
             if rec is not None:
                 rec.report = report
-            t = self.tenant(report.get("tenant", "default"))
+            # The tenant the scheduler admitted, not the one the report carries.
+            t = self.tenant(rec.request.tenant if rec is not None else report.get("tenant"))
             t.bytes_to_device += int(report.get("bytes_to_device", 0))
             t.hits += int(report.get("hits", 0))
             t.misses += int(report.get("misses", 0))
@@ -423,7 +430,8 @@ class KaasSchedulerPlugin(SchedulerPlugin):
         return {
             "policy": self.policy.name,
             "workers": workers,
-            "tenants": {name: t.to_dict(now) for name, t in sorted(self.tenants.items())},
+            "tenants": {name: t.to_dict(now) for name, t in sorted(self.tenants.items(),
+                                                                   key=lambda kv: str(kv[0]))},
             "weights": {name: sh.weight for name, sh in self.fair.tenants.items()},
         }
 
@@ -451,17 +459,23 @@ class KaasSchedulerPlugin(SchedulerPlugin):
                             for a, st in self.stats()["workers"].items()},
                 "candidates": [v.address for v in self._candidates(time.monotonic())]}
 
-    def handle_set_weight(self, tenant: str, weight: float) -> None:
-        self.fair.set_weight(tenant, weight)
+    def handle_set_weight(self, comm: Any = None, tenant: Any = None,
+                          weight: Any = None) -> None:
+        """A tenant's fair-share weight (another tenant's: operators only)."""
+        self.fair.set_weight(*access.weight_args(comm, tenant, weight))
 
-    def handle_set_policy(self, policy: str) -> str:
-        """Switch the placement policy (for experiments on one cluster)."""
+    def handle_set_policy(self, comm: Any = None, policy: Any = None) -> str:
+        """Switch the placement policy (for experiments on one cluster);
+        an operator action."""
+        policy = access.policy_arg(comm, policy)
         self.policy = make_policy(policy)
         self.policy_name = policy
         return self.policy.name
 
-    async def handle_clear_caches(self) -> dict[str, Any]:
-        """Drop every unpinned buffer from every worker's device cache."""
+    async def handle_clear_caches(self, comm: Any = None) -> dict[str, Any]:
+        """Drop every unpinned buffer from every worker's device cache; an
+        operator action."""
+        access.require_operator(comm, "kaas_clear_caches")
         s = self.scheduler
         assert s is not None
         return await s.broadcast(msg={"op": "kaas_worker_clear"})
