@@ -115,3 +115,13 @@ def test_a_garbage_annotation_is_refused(client, cluster):
     with pytest.raises(KaasError, match="malformed kaas request"):
         fut.result(timeout=60)
     state_json(cluster)
+
+
+def test_state_encoding_is_strict_json_whatever_the_state():
+    from dask_kaas.dashboard.routes import encode
+
+    state = {"tenants": {5: {"p50": math.nan}, ("a", "b"): {"p99": math.inf}},
+             "resident": {"w": {"x", "y"}}, "obj": object()}
+    back = json.loads(encode(state), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
+    assert back["tenants"] == {"5": {"p50": None}, "('a', 'b')": {"p99": None}}
+    assert sorted(back["resident"]["w"]) == ["x", "y"] and back["obj"].startswith("<object")

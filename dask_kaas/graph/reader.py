@@ -29,17 +29,23 @@ MAX_DTYPE_CHARS = 16
 class Where:
     """The locator of a field, for error messages."""
 
-    def __init__(self, graph: str | None = None, path: str = "") -> None:
+    def __init__(self, graph: str | None = None, path: str = "",
+                 buffer: str | None = None) -> None:
         self.graph = graph
         self.path = path
+        self.buffer = buffer
 
     def at(self, key: str | int) -> Where:
         step = f"[{key}]" if isinstance(key, int) else (f".{key}" if self.path else key)
-        return Where(self.graph, self.path + step)
+        return Where(self.graph, self.path + step, self.buffer)
+
+    def about(self, buffer: str) -> Where:
+        """The same field, about a buffer (named in the error's context)."""
+        return Where(self.graph, self.path, buffer)
 
     def fail(self, message: str) -> SerializationError:
         where = f"field {self.path}: " if self.path else ""
-        return SerializationError(where + message, graph=self.graph)
+        return SerializationError(where + message, graph=self.graph, buffer=self.buffer)
 
 
 def max_document_bytes() -> int:

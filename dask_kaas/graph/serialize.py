@@ -179,10 +179,12 @@ def _build(d: Any) -> KernelGraph:
     for i, b in enumerate(reader.array(d["buffers"], top.at("buffers"))):
         at = top.at("buffers").at(i)
         b = reader.record(b, at, ("name", "shape", "dtype", "kind"))
+        bname = reader.name(b["name"], at.at("name"))
+        at = at.about(bname)
         kind = BufferKind(reader.one_of(b["kind"], at.at("kind"), kinds))
         shape = [reader.integer(x, at.at("shape").at(j), 0, MAX_DIM)
                  for j, x in enumerate(reader.array(b["shape"], at.at("shape")))]
-        builders[kind](reader.name(b["name"], at.at("name")), tuple(shape),
+        builders[kind](bname, tuple(shape),
                        reader.dtype(b["dtype"], at.at("dtype")))
     kernels = [Kernel.from_dict(k, top.at("kernels").at(i))
                for i, k in enumerate(reader.array(d["kernels"], top.at("kernels")))]
@@ -208,6 +210,7 @@ def _read_launch(g: KernelGraph, kernels: list[Kernel], ld: Any, at: Where) -> N
             buf = g.buffers.get(bname)
             if buf is None:
                 raise aat.fail(f"names unknown buffer {show(bname)}")
+            aat = aat.about(bname)
             args.append(wrap[reader.one_of(a.get("mode", "in"), aat.at("mode"), list(wrap))](buf))
         else:
             args.append(literal_from_json(a, aat))
