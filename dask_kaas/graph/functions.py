@@ -2,7 +2,7 @@
 
 A document is data from outside, so naming a function must not be a way to
 run code: reading a reference imports only modules listed in
-``kaas.array-modules`` (the project's own and NumPy by default), and resolves
+``kaas.array-modules`` (the shipped workloads and NumPy by default), and resolves
 a function from any other module only if this process imported it already
 (code its owner chose to load).  The standard library and ``builtins`` are
 refused unless listed (``os:system``, ``sys:exit``, ``builtins:exec`` are
@@ -30,7 +30,7 @@ MAX_REF_CHARS = 400
 
 
 def allowed_prefixes() -> tuple[str, ...]:
-    value = config.get("array-modules", ["dask_kaas", "numpy"])
+    value = config.get("array-modules", None) or []
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):

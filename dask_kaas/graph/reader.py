@@ -153,11 +153,14 @@ def name(value: Any, at: Where) -> str:
     return value
 
 
-def integer(value: Any, at: Where, lo: int, hi: int) -> int:
+def integer(value: Any, at: Where, lo: int, hi: int, bound: str | None = None) -> int:
+    """An int (not a bool, not 2.0) in lo..hi; ``bound`` names the config key
+    that sets ``hi``."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise at.fail(f"must be an integer, got {type(value).__name__} {show(value)}")
     if not lo <= value <= hi:
-        raise at.fail(f"{show(value)} is outside {lo}..{hi}")
+        limit = f" ({bound} is {hi})" if bound and value > hi else ""
+        raise at.fail(f"{show(value)} is outside {lo}..{hi}{limit}")
     return value
 
 

@@ -171,7 +171,8 @@ def _build(d: Any) -> KernelGraph:
                                     f"(expected {FORMAT!r})")
     name = reader.name(d["name"], top.at("name"))
     top = Where(graph=name)
-    n_iter = reader.integer(d.get("n_iter", 1), top.at("n_iter"), 1, reader.max_n_iter())
+    n_iter = reader.integer(d.get("n_iter", 1), top.at("n_iter"), 1, reader.max_n_iter(),
+                            bound="kaas.max-n-iter")
     g = KernelGraph(name, n_iter=n_iter)
     builders = {BufferKind.INPUT: g.input, BufferKind.CONST: g.const,
                 BufferKind.TEMP: g.temp, BufferKind.OUTPUT: g.output}
