@@ -251,3 +251,10 @@ def test_shipped_graphs_still_round_trip(make):
     text = g.to_json()
     back = KernelGraph.from_json(text.encode())
     assert back == g and back.to_json() == text
+
+
+def test_no_n_iter_cap_still_bounds_it_to_64_bits():
+    with dask.config.set({"kaas.max-n-iter": None}):
+        assert KernelGraph.from_dict(with_(["n_iter"], 2**40)).n_iter == 2**40
+        with pytest.raises(SerializationError, match="n_iter"):
+            KernelGraph.from_dict(with_(["n_iter"], 2**64))

@@ -60,11 +60,11 @@ def max_document_bytes() -> int:
 
 
 def max_n_iter() -> int:
-    value = config.get("max-n-iter", 1_000_000)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise SerializationError(f"config kaas.max-n-iter must be a positive int, "
-                                 f"got {value!r}")
-    return value
+    """``kaas.max-n-iter`` (null: no cap, but still a 64-bit count)."""
+    from ..limits import max_n_iter as configured
+
+    cap = configured()
+    return 2**63 - 1 if cap is None else cap
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
