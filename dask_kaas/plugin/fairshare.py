@@ -1,0 +1,67 @@
+"""FairShare: each tenant's virtual runtime, advanced by measured service.
+
+Why measured service and not tags stamped at submission: a tag computed from
+a run-time *estimate* when the request arrives charges tenants admitted
+before and after the estimate changes different prices, and it freezes the
+order of work that has not started.  Here a tenant's virtual runtime grows by
+the device time its graphs really used (reported by the worker), divided by
+its weight, and the dispatcher always serves the backlogged tenant with the
+least.  While released work runs, the dispatcher charges its *estimate*
+(``charge``) and corrects it by the difference once the measured time is in,
+so several releases in a row do not all go to the same tenant.
+
+A tenant that becomes backlogged again starts no lower than the least
+virtual runtime among backlogged tenants (``rejoin``): idle time banks no
+credit, so a tenant back from a pause cannot shut the others out.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def check_weight(weight: object) -> float:
+    """A positive, finite weight as a float, or a ``KaasError`` naming it."""
+    from ..graph.errors import KaasError
+
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise KaasError(f"tenant weight must be a positive number, got {weight!r}")
+    w = float(weight)
+    if not (math.isfinite(w) and w > 0):
+        raise KaasError(f"tenant weight must be a positive finite number, got {weight!r}")
+    return w
+
+
+class FairShare:
+    """Weights and virtual runtimes of tenants (a tenant not seen has weight 1)."""
+
+    def __init__(self) -> None:
+        self.weights: dict[str, float] = {}
+        self.vruntime: dict[str, float] = {}
+
+    def weight(self, tenant: str) -> float:
+        return self.weights.get(tenant, 1.0)
+
+    def set_weight(self, tenant: str, weight: float) -> None:
+        """Takes effect at once: every later charge uses the new weight, and
+        the order of queued work is decided by virtual runtime at release."""
+        self.weights[tenant] = check_weight(weight)
+
+    def charge(self, tenant: str, seconds: float) -> float:
+        """Advance ``tenant`` by ``seconds`` of device time (negative for a
+        correction of an earlier estimate); returns its new virtual runtime."""
+        if not math.isfinite(seconds):
+            seconds = 0.0
+        vr = self.vruntime.get(tenant, 0.0) + seconds / self.weight(tenant)
+        self.vruntime[tenant] = vr
+        return vr
+
+    def rejoin(self, tenant: str, floor: float) -> float:
+        """``tenant`` becomes backlogged while the least backlogged virtual
+        runtime is ``floor``: it starts there unless it is already ahead."""
+        vr = max(self.vruntime.get(tenant, floor), floor)
+        self.vruntime[tenant] = vr
+        return vr
+
+    def of(self, tenant: str) -> float:
+        return self.vruntime.get(tenant, 0.0)
