@@ -42,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     p_imports = sub.add_parser("bench-import", help="start-up cost of importing dask_kaas")
     bench_imports.add_arguments(p_imports)
     p_imports.set_defaults(func=bench_imports.run)
+    from .bench import placement as bench_placement
+
+    p_place = sub.add_parser("bench-placement",
+                             help="cost of one dispatch decision on a simulated pool")
+    bench_placement.add_arguments(p_place)
+    p_place.set_defaults(func=bench_placement.run)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

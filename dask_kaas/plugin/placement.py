@@ -147,38 +147,79 @@ def missing_device_bytes(request: GraphRequest, worker: str, directory: BufferDi
                if i.buffer_id is not None and not directory.holds(worker, i.buffer_id))
 
 
+class RequestCosts:
+    """The per-request parts of the cost model, computed once per decision.
+
+    Scoring a candidate is then O(inputs) set lookups: nothing here is
+    recomputed per worker (private bytes, who holds each host input, run
+    time), which is what kept a decision O(workers x inputs) with a large
+    constant before.
+    """
+
+    __slots__ = ("cacheable", "cacheable_bytes", "private", "ready_s", "remote", "run_s", "fetch_s",
+                 "net_bps", "h2d_bps", "directory")
+
+    def __init__(self, request: GraphRequest, ctx: PlacementContext,
+                 ready_in_s: float | None = None) -> None:
+        self.directory = ctx.directory
+        self.cacheable = [(i.buffer_id, i.nbytes) for i in request.inputs
+                          if i.buffer_id is not None]
+        # The graph's own buffers (temps, outputs, inline inputs) need room too.
+        self.cacheable_bytes = sum(n for _, n in self.cacheable)
+        self.private = request.nbytes - self.cacheable_bytes
+        self.ready_s = ctx.ready_in_s(request) if ready_in_s is None else ready_in_s
+        self.remote = []
+        for i in request.inputs:
+            if i.dask_key is not None:
+                holders = ctx.who_has(i.dask_key)
+                if holders:
+                    self.remote.append((i.nbytes, holders))
+        self.run_s = ctx.costs.slot_time_s(request.graph)
+        self.fetch_s = ctx.costs.fetch_latency.value
+        self.net_bps = max(ctx.network_bytes_per_s, 1.0)
+        self.h2d_bps = max(ctx.costs.h2d.value, 1.0)
+
+    def held_bytes(self, worker: str) -> int:
+        holds = self.directory.holds
+        return sum(n for b, n in self.cacheable if holds(worker, b))
+
+    def _parts(self, w: WorkerView, held: int) -> tuple[float, float, float]:
+        """(start, load, fetch) on ``w`` given the bytes it holds already."""
+        missing = self.cacheable_bytes - held
+        free = w.free_bytes
+        evicted = 0 if free is None else max(0, missing + self.private - free)
+        remote = fetches = 0
+        for nbytes, holders in self.remote:
+            if w.address not in holders:
+                remote += nbytes
+                fetches += 1
+        return (max(w.wait_s, self.ready_s), (missing + evicted) / self.h2d_bps,
+                fetches * self.fetch_s + remote / self.net_bps)
+
+    def score(self, w: WorkerView) -> tuple[float, int]:
+        """(expected completion time on ``w``, bytes it holds already): the
+        sum of :meth:`terms` without building them."""
+        held = self.held_bytes(w.address)
+        start, load, fetch = self._parts(w, held)
+        return start + load * (1 + w.queued_n) + fetch + self.run_s, held
+
+    def terms(self, w: WorkerView) -> dict[str, float]:
+        """The parts of the expected completion time on ``w``, in seconds."""
+        start, load, fetch = self._parts(w, self.held_bytes(w.address))
+        return {"start": start, "load": load, "backlog_delay": load * w.queued_n,
+                "fetch": fetch, "run": self.run_s}
+
+
 def completion_terms(request: GraphRequest, w: WorkerView, ctx: PlacementContext,
                      ready_in_s: float | None = None) -> dict[str, float]:
     """The parts of the expected completion time on ``w``, in seconds."""
-    if ready_in_s is None:
-        ready_in_s = ctx.ready_in_s(request)
-    missing = missing_device_bytes(request, w.address, ctx.directory)
-    # The graph's own buffers (temps, outputs, inline inputs) need room too.
-    private = request.nbytes - sum(i.nbytes for i in request.inputs if i.buffer_id is not None)
-    free = w.free_bytes
-    evicted = 0 if free is None else max(0, missing + private - free)
-    remote = fetches = 0
-    for i in request.inputs:
-        if i.dask_key is not None:
-            holders = ctx.who_has(i.dask_key)
-            if holders and w.address not in holders:
-                remote += i.nbytes
-                fetches += 1
-    load = ctx.costs.h2d_s(missing + evicted)
-    return {
-        "start": max(w.wait_s, ready_in_s),
-        "load": load,
-        "backlog_delay": load * w.queued_n,
-        "fetch": fetches * ctx.costs.fetch_latency.value
-        + remote / max(ctx.network_bytes_per_s, 1.0),
-        "run": ctx.costs.slot_time_s(request.graph),
-    }
+    return RequestCosts(request, ctx, ready_in_s).terms(w)
 
 
 class Policy(abc.ABC):
     name = "?"
-    #: Expected-completion terms per candidate of the last choice, if the
-    #: policy computes them (for the decision log).
+    #: Expected-completion terms of the chosen worker and the runner-up of
+    #: the last choice, if the policy computes them (for the decision log).
     last_terms: dict[str, dict[str, float]] = {}
     #: False for a policy that leaves the choice to Dask (no restriction).
     pins = True
@@ -194,16 +235,24 @@ class AffinityPolicy(Policy):
 
     def choose(self, request: GraphRequest, workers: Sequence[WorkerView],
                ctx: PlacementContext) -> WorkerView:
-        ready = ctx.ready_in_s(request)
-        self.last_terms = {}
-
-        def score(w: WorkerView) -> tuple[float, int, int, str]:
-            held = sum(i.nbytes for i in request.inputs
-                       if i.buffer_id is not None and ctx.directory.holds(w.address, i.buffer_id))
-            terms = self.last_terms[w.address] = completion_terms(request, w, ctx, ready)
-            return (sum(terms.values()), -held, w.queued_n, w.address)
-
-        return min(workers, key=score)
+        costs = RequestCosts(request, ctx)
+        best: tuple[tuple[float, int, int, str], WorkerView] | None = None
+        second: tuple[tuple[float, int, int, str], WorkerView] | None = None
+        for w in workers:
+            total, held = costs.score(w)
+            key = (total, -held, w.queued_n, w.address)
+            if best is None or key < best[0]:
+                best, second = (key, w), best
+            elif second is None or key < second[0]:
+                second = (key, w)
+        if best is None:
+            raise ValueError("no candidate workers")
+        # Only the winner's and the runner-up's terms are kept: a log entry
+        # per candidate costs O(workers) memory per decision.
+        self.last_terms = {best[1].address: costs.terms(best[1])}
+        if second is not None:
+            self.last_terms[second[1].address] = costs.terms(second[1])
+        return best[1]
 
 
 class BalancePolicy(Policy):
