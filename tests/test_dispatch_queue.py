@@ -238,3 +238,15 @@ class QueueMachine(RuleBasedStateMachine):
 QueueMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=60,
                                           deadline=None)
 test_queue_state_machine = QueueMachine.TestCase
+
+
+def test_peek_skips_excluded_tenants_and_keeps_them_queued():
+    q = DispatchQueue()
+    q.push("a1", "a")
+    q.push("b1", "b")
+    q.push("c1", "c")
+    assert q.peek() == ("a1", "a")
+    assert q.peek(exclude={"a"}) == ("b1", "b")
+    assert q.peek(exclude={"a", "b"}) == ("c1", "c")
+    assert q.peek(exclude={"a", "b", "c"}) is None
+    assert [q.pop()[0] for _ in range(3)] == ["a1", "b1", "c1"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,9 +85,17 @@ class DispatchQueue:
             heapq.heapify(backlog.heap)
         return True
 
-    def peek(self) -> tuple[Any, str] | None:
-        """The next (key, tenant) without taking it."""
+    def peek(self, exclude: Container[str] = ()) -> tuple[Any, str] | None:
+        """The next (key, tenant) without taking it, skipping the tenants in
+        ``exclude`` (those whose next request waits for a busy worker)."""
         tenant = self._next_tenant()
+        if tenant is not None and tenant in exclude:
+            stash = []
+            while tenant is not None and tenant in exclude:
+                stash.append(heapq.heappop(self._tenants))
+                tenant = self._next_tenant()
+            for item in stash:
+                heapq.heappush(self._tenants, item)
         if tenant is None:
             return None
         heap = self._backlogs[tenant].heap
