@@ -47,6 +47,9 @@ class LoadIndex:
         """No longer a candidate (left, or no free slot)."""
         self._at.pop(worker, None)
 
+    def members(self) -> list[str]:
+        return list(self._at)
+
     def __contains__(self, worker: str) -> bool:
         return worker in self._at
 

@@ -19,17 +19,7 @@ from __future__ import annotations
 
 import math
 
-
-def check_weight(weight: object) -> float:
-    """A positive, finite weight as a float, or a ``KaasError`` naming it."""
-    from ..graph.errors import KaasError
-
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-        raise KaasError(f"tenant weight must be a positive number, got {weight!r}")
-    w = float(weight)
-    if not (math.isfinite(w) and w > 0):
-        raise KaasError(f"tenant weight must be a positive finite number, got {weight!r}")
-    return w
+from ..checks import check_weight
 
 
 class FairShare:
@@ -45,7 +35,7 @@ class FairShare:
     def set_weight(self, tenant: str, weight: float) -> None:
         """Takes effect at once: every later charge uses the new weight, and
         the order of queued work is decided by virtual runtime at release."""
-        self.weights[tenant] = check_weight(weight)
+        self.weights[tenant] = check_weight(weight, optional=False)  # type: ignore[assignment]
 
     def charge(self, tenant: str, seconds: float) -> float:
         """Advance ``tenant`` by ``seconds`` of device time (negative for a

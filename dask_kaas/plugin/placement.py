@@ -77,6 +77,9 @@ class CostModel:
     default_fetch_latency_s: float = 0.003
     default_dispatch_s: float = 0.001
     runtimes: dict[str, Ewma] = field(default_factory=dict)
+    #: (graph, worker) -> run time there: devices differ in speed, and late
+    #: binding needs to know which worker frees a slot first.
+    worker_runtimes: dict[tuple[str, str], Ewma] = field(default_factory=dict)
     h2d: Ewma = field(init=False)
     #: Time to fetch one dependency from another worker (Dask's transfer).
     fetch_latency: Ewma = field(init=False)
@@ -91,18 +94,27 @@ class CostModel:
         self.fetch_latency = Ewma(self.default_fetch_latency_s)
         self.dispatch = Ewma(self.default_dispatch_s)
 
-    def runtime_s(self, graph: str) -> float:
+    def runtime_s(self, graph: str, worker: str | None = None) -> float:
+        """Measured run time of ``graph`` (on ``worker`` if it ran there)."""
+        if worker is not None:
+            e = self.worker_runtimes.get((graph, worker))
+            if e is not None:
+                return e.value
         e = self.runtimes.get(graph)
         return e.value if e is not None else self.default_runtime_s
 
-    def slot_time_s(self, graph: str) -> float:
+    def slot_time_s(self, graph: str, worker: str | None = None) -> float:
         """How long a request of ``graph`` occupies a worker slot."""
-        return self.runtime_s(graph) + self.dispatch.value
+        return self.runtime_s(graph, worker) + self.dispatch.value
+
+    def forget_worker(self, worker: str) -> None:
+        for key in [k for k in self.worker_runtimes if k[1] == worker]:
+            del self.worker_runtimes[key]
 
     def observe_transfer(self, seconds: float, nbytes: int, bandwidth: float) -> None:
         self.fetch_latency.add(max(0.0, seconds - nbytes / max(bandwidth, 1.0)))
 
-    def observe(self, report: dict) -> None:
+    def observe(self, report: dict, worker: str | None = None) -> None:
         if report.get("error"):
             return
         busy = float(report.get("total_s", 0.0)) - float(report.get("seconds_to_device", 0.0)) \
@@ -110,6 +122,8 @@ class CostModel:
         graph = report.get("graph")
         if graph is not None and busy > 0:
             self.runtimes.setdefault(graph, Ewma(busy)).add(busy)
+            if worker is not None:
+                self.worker_runtimes.setdefault((graph, worker), Ewma(busy)).add(busy)
         nbytes = int(report.get("bytes_to_device", 0))
         secs = float(report.get("seconds_to_device", 0.0))
         if nbytes >= self.min_bandwidth_sample and secs > 0:
@@ -157,7 +171,7 @@ class RequestCosts:
     """
 
     __slots__ = ("cacheable", "cacheable_bytes", "private", "ready_s", "remote", "run_s", "fetch_s",
-                 "net_bps", "h2d_bps", "directory")
+                 "net_bps", "h2d_bps", "directory", "graph", "costs")
 
     def __init__(self, request: GraphRequest, ctx: PlacementContext,
                  ready_in_s: float | None = None) -> None:
@@ -174,6 +188,8 @@ class RequestCosts:
                 holders = ctx.who_has(i.dask_key)
                 if holders:
                     self.remote.append((i.nbytes, holders))
+        self.graph = request.graph
+        self.costs = ctx.costs
         self.run_s = ctx.costs.slot_time_s(request.graph)
         self.fetch_s = ctx.costs.fetch_latency.value
         self.net_bps = max(ctx.network_bytes_per_s, 1.0)
@@ -201,13 +217,18 @@ class RequestCosts:
         sum of :meth:`terms` without building them."""
         held = self.held_bytes(w.address)
         start, load, fetch = self._parts(w, held)
-        return start + load * (1 + w.queued_n) + fetch + self.run_s, held
+        return start + load * (1 + w.queued_n) + fetch + self.run_on(w.address), held
 
     def terms(self, w: WorkerView) -> dict[str, float]:
         """The parts of the expected completion time on ``w``, in seconds."""
         start, load, fetch = self._parts(w, self.held_bytes(w.address))
         return {"start": start, "load": load, "backlog_delay": load * w.queued_n,
-                "fetch": fetch, "run": self.run_s}
+                "fetch": fetch, "run": self.run_on(w.address)}
+
+    def run_on(self, worker: str) -> float:
+        """Slot time on ``worker``: its own measurement where there is one."""
+        e = self.costs.worker_runtimes.get((self.graph, worker))
+        return self.run_s if e is None else e.value + self.costs.dispatch.value
 
 
 def completion_terms(request: GraphRequest, w: WorkerView, ctx: PlacementContext,

@@ -3,9 +3,9 @@
 It follows the pattern of distributed's own extensions: scheduler handlers
 (``kaas_*``) that a thin client wrapper calls, plus a stream handler for the
 workers' cache reports.  Its ``update_graph`` hook runs after annotations are
-applied and before the first transitions, which is where a graph task gets
-its worker restriction (strict, so work stealing leaves it alone) and its
-priority (from the tenant's virtual time).
+applied and before the first transitions, which is where a graph task is
+*held* (see ``dispatcher``): it waits in the scheduler, in fair order, and
+goes to a worker only when one has a free slot.
 """
 
 from __future__ import annotations
@@ -16,15 +16,17 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from dask.utils import parse_timedelta
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
+from tornado.ioloop import PeriodicCallback
 
 from .. import config, dashboard
 from ..graph.errors import KaasError
 from ..request import ANNOTATION, SELECT_ROLE, GraphRequest
 from . import access, amm
 from .directory import BufferDirectory
-from .fairness import TenantQueue
+from .dispatcher import Dispatcher
 from .placement import (
     CostModel,
     PlacementContext,
@@ -69,12 +71,13 @@ class KaasSchedulerPlugin(SchedulerPlugin):
         self.resource = config.get("resource", "GPU")
         self.scheduler: Scheduler | None = None
         self.restarts: RestartGuard | None = None
+        self._periodic: PeriodicCallback | None = None
         self._init_state()
 
     def _init_state(self) -> None:
         self.directory = BufferDirectory()
         self.costs = CostModel()
-        self.fair = TenantQueue()
+        self.dispatch = Dispatcher(self)
         self.requests: dict[str, RequestRecord] = {}
         self.selects: dict[str, str] = {}  # kept-output key -> graph key
         self.queues: dict[str, dict[str, float]] = {}  # worker -> request key -> estimate
@@ -107,11 +110,17 @@ class KaasSchedulerPlugin(SchedulerPlugin):
         dashboard.install(scheduler, self)
         await scheduler.register_worker_plugin(
             None, dumps(self.worker_plugin), name=PLUGIN_NAME, idempotent=True)
+        interval = parse_timedelta(config.get("dispatch-interval", "200ms"))
+        self._periodic = PeriodicCallback(self.dispatch.periodic, interval * 1000)
+        self._periodic.start()
 
     async def close(self) -> None:
         dashboard.uninstall(self)
         if self.restarts is not None:
             self.restarts.close()
+        if self._periodic is not None:
+            self._periodic.stop()
+            self._periodic = None
         if self.scheduler is not None:
             amm.uninstall(self.scheduler)
             for h in self._handlers():
@@ -169,8 +178,6 @@ class KaasSchedulerPlugin(SchedulerPlugin):
             return
         selects = []
         now = time.monotonic()
-        ctx = None
-        candidates = None
         for key, meta in metas.items():
             if meta is None:
                 continue
@@ -187,26 +194,17 @@ class KaasSchedulerPlugin(SchedulerPlugin):
                 continue
             if key in self.requests:
                 continue
-            if candidates is None:
-                candidates, ctx = self._candidates(now), self._context(now)
             rec = RequestRecord(request, now)
             self.requests[key] = rec
             self.tenant(request.tenant).submitted += 1
-            # Virtual time advances by the graph's measured compute time: a
-            # stable per-graph quantity (dispatch overhead is volatile and the
-            # same for every graph, so it stays out of the fair-share cost).
-            cost = self.costs.runtime_s(request.graph)
-            tag, seq = self.fair.admit(key, request.tenant, cost, request.weight)
-            ts.priority = (-request.priority, tag, seq)
+            if request.weight is not None:
+                try:
+                    self.dispatch.queue.set_weight(request.tenant, request.weight)
+                except KaasError as e:
+                    logger.warning("graph %r: %s; weight ignored", request.graph, e)
             if not ts.resource_restrictions:
                 ts.resource_restrictions = {self.resource: 1}
-            if candidates and self.policy.pins:
-                chosen = self.policy.choose(request, candidates, ctx)
-                self.decisions.append({
-                    "key": key, "tenant": request.tenant, "graph": request.graph,
-                    "worker": chosen.address, "policy": self.policy.name,
-                    "terms": self.policy.last_terms})
-                self._assign(ts, rec, chosen, ctx, now)
+            self.dispatch.hold(ts, request.tenant, request.priority)
         for ts, request in selects:
             self._pin_select(ts, request.key)
 
@@ -216,7 +214,7 @@ class KaasSchedulerPlugin(SchedulerPlugin):
         self._unbook(rec)
         worker = view.address
         rec.worker = worker
-        rec.estimate_s = self.costs.slot_time_s(rec.request.graph)
+        rec.estimate_s = self.costs.slot_time_s(rec.request.graph, worker)
         start_in = max(view.wait_s, ctx.ready_in_s(rec.request))
         rec.expected_finish = now + start_in + rec.estimate_s
         # With several slots, a busy worker frees one every estimate/slots.
@@ -267,11 +265,13 @@ class KaasSchedulerPlugin(SchedulerPlugin):
                 self._finish(rec, ok=finish == "memory")
             elif finish == "forgotten":
                 self._unbook(rec)
-                self.fair.done(key)
                 del self.requests[key]
             elif start == "processing":
                 # Released: its worker left or the client cancelled it.
                 self._unbook(rec)
+            request = rec.request
+            self.dispatch.transition(key, start, finish, request.tenant, request.priority,
+                                     lambda: (rec.report or {}).get("total_s"))
             return
         if key in self.selects and finish == "forgotten":
             del self.selects[key]
@@ -302,7 +302,6 @@ class KaasSchedulerPlugin(SchedulerPlugin):
     def _finish(self, rec: RequestRecord, ok: bool) -> None:
         now = time.monotonic()
         self._unbook(rec)
-        self.fair.done(rec.request.key)
         rec.done = True
         t = self.tenant(rec.request.tenant)
         if not ok:
@@ -343,7 +342,7 @@ class KaasSchedulerPlugin(SchedulerPlugin):
             else:
                 self.directory.removed(worker, bid)
         for report in reports or ():
-            self.costs.observe(report)
+            self.costs.observe(report, worker)
             self._observe_dispatch(worker, report)
             rec = self.requests.get(report.get("key"))
             if rec is not None:
@@ -361,7 +360,7 @@ class KaasSchedulerPlugin(SchedulerPlugin):
                     "error": bool(report.get("error"))})
 
     def add_worker(self, scheduler: Scheduler, worker: str) -> None:
-        self._replace(lambda rec: rec.worker is None, "kaas-add-worker")
+        self.dispatch.worker_added(worker)
 
     def remove_worker(self, scheduler: Scheduler, worker: str, *,
                       stimulus_id: str | None = None, **kwargs: Any) -> None:
@@ -371,39 +370,8 @@ class KaasSchedulerPlugin(SchedulerPlugin):
             self.restarts.forget(worker)
         self.queues.pop(worker, None)
         self.free_at.pop(worker, None)
-        self._replace(lambda rec: rec.worker == worker, stimulus_id or "kaas-remove-worker")
-
-    def _replace(self, stranded: Any, stimulus_id: str) -> None:
-        """Place again the graphs pinned to a worker that left (or never
-        placed, for want of workers): nothing may wait for a dead worker."""
-        s = self.scheduler
-        assert s is not None
-        now = time.monotonic()
-        candidates = self._candidates(now)
-        if not candidates or not self.policy.pins:
-            return
-        ctx = self._context(now)
-        recs: dict[Any, str] = {}
-        for key, rec in list(self.requests.items()):
-            if not stranded(rec):
-                continue
-            ts = s.tasks.get(key)
-            if ts is None or (ts.state == "memory" and ts.who_has) or ts.state == "erred":
-                continue
-            self._assign(ts, rec, self.policy.choose(rec.request, candidates, ctx), ctx, now)
-            if ts.state == "no-worker":
-                recs[key] = "processing"
-        for key, graph_key in self.selects.items():
-            ts = s.tasks.get(key)
-            rec = self.requests.get(graph_key)
-            if ts is None or rec is None or ts.state in ("memory", "erred"):
-                continue
-            if ts.worker_restrictions != {rec.worker}:
-                self._pin_select(ts, graph_key)
-                if ts.state == "no-worker":
-                    recs[key] = "processing"
-        if recs:
-            s.transitions(recs, stimulus_id)
+        self.costs.forget_worker(worker)
+        self.dispatch.worker_removed(worker)
 
     # -- handlers ----------------------------------------------------------
     def _handlers(self) -> dict[str, Any]:
@@ -432,7 +400,8 @@ class KaasSchedulerPlugin(SchedulerPlugin):
             "workers": workers,
             "tenants": {name: t.to_dict(now) for name, t in sorted(self.tenants.items(),
                                                                    key=lambda kv: str(kv[0]))},
-            "weights": {name: sh.weight for name, sh in self.fair.tenants.items()},
+            "weights": dict(self.dispatch.queue.share.weights),
+            "dispatch": self.dispatch.snapshot(),
         }
 
     async def refresh_worker_stats(self) -> None:
@@ -462,7 +431,8 @@ class KaasSchedulerPlugin(SchedulerPlugin):
     def handle_set_weight(self, comm: Any = None, tenant: Any = None,
                           weight: Any = None) -> None:
         """A tenant's fair-share weight (another tenant's: operators only)."""
-        self.fair.set_weight(*access.weight_args(comm, tenant, weight))
+        self.dispatch.queue.set_weight(*access.weight_args(comm, tenant, weight))
+        self.dispatch.wake()
 
     def handle_set_policy(self, comm: Any = None, policy: Any = None) -> str:
         """Switch the placement policy (for experiments on one cluster);

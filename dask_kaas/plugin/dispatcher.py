@@ -1,0 +1,348 @@
+"""Dispatcher: late binding of kernel graphs to workers.
+
+A graph task is *held* from submission: a strict restriction to a reserved
+address that no worker has, so Dask parks it in ``no-worker`` once its
+inputs are in memory (work stealing and Dask's own placement leave it
+alone).  The dispatcher queues it per tenant (``DispatchQueue``) and
+*releases* it when some worker has fewer than ``slots x (1 + prefetch)``
+KaaS graphs in flight: the next request in fair order, placed *now* with the
+current cache directory and queue state, gets that worker as its restriction
+and goes to ``processing``.  The prefetch keeps a worker from idling for a
+scheduler round trip between two graphs.
+
+Releases never happen inside a plugin hook: a nested ``transitions`` call
+would send a ``compute-task`` ahead of the outer stimulus' messages.  Hooks
+only note that a pass is due; one release pass runs from the event loop
+(the pattern of Dask's ``stimulus_queue_slots_maybe_opened``), and a
+periodic pass catches what no hook reports (a paused worker resuming).
+
+A released graph whose worker leaves (or that is cancelled, retried or
+recomputed) goes back through ``released``/``waiting``, where its restriction
+is reset to the hold address, so it returns to the queue.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .. import config
+from .candidates import LoadIndex, candidate_workers
+from .dispatch import DispatchQueue
+from .placement import PlacementContext, WorkerView
+
+if TYPE_CHECKING:
+    from distributed import Scheduler
+    from distributed.scheduler import TaskState, WorkerState
+
+    from .scheduler import KaasSchedulerPlugin
+
+logger = logging.getLogger(__name__)
+
+#: The reserved worker address of held graphs: no worker ever has it.
+HOLD = "kaas-hold://held"
+#: A release pass stops after this many graphs Dask would not take.
+MAX_FAILED_PER_PASS = 8
+
+
+class Dispatcher:
+    def __init__(self, plugin: KaasSchedulerPlugin) -> None:
+        self.plugin = plugin
+        self.queue = DispatchQueue()
+        self.index = LoadIndex()
+        self.prefetch = max(0, int(config.get("prefetch", 1)))
+        #: released key -> worker it went to (until it leaves processing)
+        self.released: dict[Any, str] = {}
+        #: worker -> graphs in flight there
+        self.in_flight: dict[str, int] = {}
+        self._seq = itertools.count()
+        self._pass_due = False
+        self.releases = 0
+        self.failed_releases = 0
+        self.waits_for_holder = 0
+
+    @property
+    def scheduler(self) -> Scheduler:
+        s = self.plugin.scheduler
+        assert s is not None
+        return s
+
+    # -- hold ----------------------------------------------------------------
+    def hold(self, ts: TaskState, tenant: str, priority: int) -> None:
+        """Park a new graph task (called from ``update_graph``)."""
+        _hold(ts)
+        ts.priority = (-priority, 0, next(self._seq))
+        if ts.state == "no-worker":  # already parked: no transition will say so
+            self.queue.push(ts.key, tenant, priority)
+            self.wake()
+
+    # -- hooks -----------------------------------------------------------------
+    def transition(self, key: Any, start: str, finish: str, tenant: str | None,
+                   priority: int, measured_s: Callable[[], float | None]) -> None:
+        """Follow a graph task's state change (``tenant`` None: not a graph)."""
+        if start == finish:
+            return
+        if start == "processing":
+            worker = self.released.pop(key, None)
+            if worker is not None:
+                self._freed(worker)
+                ok = finish in ("memory", "erred")
+                self.queue.finished(key, measured_s() if ok else None)
+        if start == "no-worker":
+            self.queue.remove(key)
+        if finish in ("released", "waiting"):
+            ts = self.scheduler.tasks.get(key)
+            if ts is not None:
+                _hold(ts)
+        elif finish == "no-worker" and tenant is not None:
+            ts = self.scheduler.tasks.get(key)
+            if ts is not None and ts.worker_restrictions == {HOLD}:
+                self.queue.push(key, tenant, priority)
+                self.wake()
+        elif finish == "forgotten":
+            self.queue.remove(key)
+
+    def worker_added(self, address: str) -> None:
+        self.wake()
+
+    def worker_removed(self, address: str) -> None:
+        self.in_flight.pop(address, None)
+        self.index.discard(address)
+        for key in [k for k, w in self.released.items() if w == address]:
+            # Dask released them before this hook; this is a safety net.
+            del self.released[key]
+            self.queue.finished(key, None)
+        self.wake()
+
+    def _freed(self, worker: str) -> None:
+        n = self.in_flight.get(worker, 0) - 1
+        if n > 0:
+            self.in_flight[worker] = n
+        else:
+            self.in_flight.pop(worker, None)
+        self.wake()
+
+    # -- release pass ------------------------------------------------------------
+    def wake(self) -> None:
+        """A slot may have opened or work arrived: run one pass soon."""
+        if self._pass_due or not self.queue:
+            return
+        s = self.plugin.scheduler
+        if s is None:
+            return
+        self._pass_due = True
+        s.loop.add_callback(self.release_pass)
+
+    def limit(self, ws: WorkerState) -> int:
+        """Graphs ``ws`` may have in flight.  Slots held by kernels past their
+        time limit take no new work; a broken device takes none at all (it
+        is being restarted)."""
+        st = self.plugin.worker_stats.get(ws.address, {})
+        if st.get("broken"):
+            return 0
+        slots = int(ws.resources.get(self.plugin.resource, 0) or 0) - len(st.get("overdue") or ())
+        return max(slots, 0) * (1 + self.prefetch)
+
+    def open_workers(self) -> dict[str, int]:
+        """Running KaaS workers with room, and how much (O(workers): the
+        periodic pass and the start of a release pass use it)."""
+        room = {}
+        for ws in self.scheduler.running:
+            free = self.limit(ws) - self.in_flight.get(ws.address, 0)
+            if free > 0:
+                room[ws.address] = free
+        return room
+
+    def release_pass(self, stimulus_id: str | None = None) -> int:
+        """Release queued graphs while workers have room; returns how many."""
+        self._pass_due = False
+        if not self.queue:
+            return 0
+        self.keep_held_alive()
+        room = self.open_workers()
+        if not room:
+            return 0
+        stimulus_id = stimulus_id or f"kaas-release-{time.time()}"
+        plugin = self.plugin
+        now = time.monotonic()
+        ctx = plugin._context(now)
+        for addr in self.index.members():
+            if addr not in room:
+                self.index.discard(addr)
+        for addr in room:
+            self.index.update(addr, plugin.free_at.get(addr, 0.0))
+        excluded: set[str] = set()
+        failed: list[tuple[Any, str, int]] = []
+        try:
+            released = self._release_loop(room, excluded, failed, ctx, now, stimulus_id)
+        finally:
+            for key, tenant, priority in failed:
+                self.queue.push(key, tenant, priority)
+        return released
+
+    def _release_loop(self, room: dict[str, int], excluded: set[str],
+                      failed: list[tuple[Any, str, int]], ctx: PlacementContext, now: float,
+                      stimulus_id: str) -> int:
+        s = self.scheduler
+        plugin = self.plugin
+        released = 0
+        while room:
+            nxt = self.queue.peek(excluded)
+            if nxt is None:
+                break
+            key, tenant = nxt
+            ts = s.tasks.get(key)
+            rec = plugin.requests.get(key)
+            if ts is None or rec is None or ts.state != "no-worker":
+                self.queue.remove(key)
+                continue
+            view = self._choose(rec.request, room, ctx, now)
+            if view is not None and view.address not in room:
+                # Waiting for a busy worker that holds its buffers is
+                # cheaper: this tenant sits out this pass.
+                self.waits_for_holder += 1
+                excluded.add(tenant)
+                continue
+            self.queue.remove(key)
+            worker = self._release(ts, rec, view, ctx, now, stimulus_id)
+            if worker is None:
+                # Dask would not take it there (a restriction no worker
+                # meets, a worker on its way out): it waits for the next
+                # pass, set aside so that it cannot block the ones behind it.
+                self.failed_releases += 1
+                failed.append((key, tenant, rec.request.priority))
+                if len(failed) >= MAX_FAILED_PER_PASS:
+                    break
+                continue
+            released += 1
+            left = room.get(worker, 0) - 1
+            if left > 0:
+                room[worker] = left
+                self.index.update(worker, plugin.free_at.get(worker, 0.0))
+            else:
+                room.pop(worker, None)
+                self.index.discard(worker)
+        return released
+
+    def _view(self, addr: str, now: float) -> WorkerView | None:
+        s = self.scheduler
+        ws = s.workers.get(addr)
+        if ws is None:
+            return None
+        plugin = self.plugin
+        slots = int(ws.resources.get(plugin.resource, 0) or 0)
+        st = plugin.worker_stats.get(addr, {})
+        queued = self.in_flight.get(addr, 0)
+        wait = max(0.0, plugin.free_at.get(addr, now) - now) if queued else 0.0
+        used = max(st.get("used_bytes", 0), plugin.directory.expected_bytes(addr))
+        return WorkerView(addr, max(slots, 1), st.get("capacity_bytes"), used, wait, queued)
+
+    def _choose(self, request: Any, room: dict[str, int], ctx: PlacementContext,
+                now: float) -> WorkerView | None:
+        """The worker for ``request`` now (None: let Dask choose), possibly
+        a busy one (the caller then holds the request back)."""
+        policy = self.plugin.policy
+        if not policy.pins:
+            return None
+        if policy.name == "affinity":
+            addrs = candidate_workers(request, self.plugin.directory, self.index, ctx.who_has)
+            # Busy holders of its buffers compete too, with their wait.
+            for i in request.inputs:
+                if i.buffer_id is not None:
+                    for w in self.plugin.directory.holders_view(i.buffer_id):
+                        if w not in room and w not in addrs and len(addrs) < 24:
+                            addrs.append(w)
+        elif policy.name == "static":
+            addrs = [ws.address for ws in self.scheduler.running if self.limit(ws) > 0]
+        else:
+            addrs = list(room)
+        views = [v for v in (self._view(a, now) for a in addrs) if v is not None]
+        if not views:
+            return None
+        return policy.choose(request, views, ctx)
+
+    def _release(self, ts: TaskState, rec: Any, view: WorkerView | None,
+                 ctx: PlacementContext, now: float, stimulus_id: str) -> str | None:
+        """Send one held graph to ``view`` (None: wherever Dask puts it);
+        returns the worker, or None with the task held again."""
+        s = self.scheduler
+        plugin = self.plugin
+        request = rec.request
+        if view is not None:
+            plugin._assign(ts, rec, view, ctx, now)
+        else:
+            ts.worker_restrictions = None
+        ts.priority = (-request.priority, 0, next(self._seq))
+        s.transitions({ts.key: "processing"}, stimulus_id)
+        if ts.state != "processing" or ts.processing_on is None:
+            plugin._unbook(rec)
+            _hold(ts)
+            return None
+        worker = ts.processing_on.address
+        if view is None:
+            actual = self._view(worker, now)
+            if actual is not None:
+                plugin._assign(ts, rec, actual, ctx, now)
+            ts.worker_restrictions = None  # Dask's choice, not a pin
+        self.released[ts.key] = worker
+        self.in_flight[worker] = self.in_flight.get(worker, 0) + 1
+        self.queue.started(ts.key, request.tenant, rec.estimate_s)
+        self.releases += 1
+        plugin.decisions.append({
+            "key": ts.key, "tenant": request.tenant, "graph": request.graph,
+            "worker": worker, "policy": plugin.policy.name,
+            "terms": dict(plugin.policy.last_terms) if view is not None else {}})
+        # Kept outputs live on the device of the worker that ran the graph.
+        for sel in request.keep.values():
+            sts = s.tasks.get(sel)
+            if sts is not None and sts.state in ("released", "waiting"):
+                sts.worker_restrictions = {worker}
+                sts.loose_restrictions = False
+        return worker
+
+    # -- upkeep ------------------------------------------------------------------
+    def periodic(self) -> None:
+        """Catch what no hook reports, and keep Dask's no-workers-timeout
+        from failing held graphs while KaaS workers are there to run them."""
+        if self.plugin.scheduler is None:
+            return
+        self.keep_held_alive()
+        if self.queue:
+            self.release_pass("kaas-release-periodic")
+
+    def keep_held_alive(self) -> None:
+        """Dask fails a task that stays in ``no-worker`` past
+        ``distributed.scheduler.no-workers-timeout``; a held graph is there
+        on purpose, so while a KaaS worker is running its time there starts
+        over (oldest first: ``unrunnable`` is ordered by that time).  With no
+        KaaS worker at all, Dask's timeout applies as usual."""
+        s = self.scheduler
+        timeout = s.no_workers_timeout
+        if not timeout or not self.queue or not any(self.limit(ws) for ws in s.running):
+            return
+        now = time.monotonic()
+        cut = now - timeout / 4
+        refresh = []
+        for ts, since in s.unrunnable.items():
+            if since >= cut:
+                break
+            if ts.key in self.queue:
+                refresh.append(ts)
+        for ts in refresh:
+            del s.unrunnable[ts]
+            s.unrunnable[ts] = now
+
+    def snapshot(self) -> dict[str, Any]:
+        state = self.queue.snapshot()
+        state.update({"in_flight": dict(self.in_flight), "prefetch": self.prefetch,
+                      "releases": self.releases, "failed_releases": self.failed_releases,
+                      "waits_for_holder": self.waits_for_holder})
+        return state
+
+
+def _hold(ts: TaskState) -> None:
+    ts.worker_restrictions = {HOLD}
+    ts.loose_restrictions = False
