@@ -180,6 +180,14 @@ def test_kaas_page_renders_in_headless_chromium(dash):
                 f"&& t.includes('bob') && {json.dumps(workers)}.every(w => t.includes(w)); }}",
                 timeout=60_000)
             assert page.evaluate(PLOT_COUNT) >= 3
+            cds = page.evaluate(CDS_TEXT)
+            # The held backlog per tenant and each worker's graphs in flight
+            # against its limit (2 workers, 1 slot, prefetch 1).
+            assert "held=" in cds and "in_flight=" in cds and "limit=2|2" in cds, cds
+            texts = page.evaluate("() => [...Bokeh.documents[0].all_models]"
+                                  ".filter(m => typeof m.text === 'string')"
+                                  ".map(m => m.text).join(' ')")
+            assert "<code>no-worker</code>" in texts  # why Dask's bar shows them so
             assert "KaaS" in page.title()
             menu = page.locator("a[href$='kaas']")
             assert menu.count() >= 1  # listed in the dashboard's menu

@@ -18,6 +18,14 @@ def _short(addr: str) -> str:
     return addr.replace("tcp://", "")
 
 
+HELD_NOTE = (
+    "<h3>Dispatch</h3><p>Kernel graphs wait in the scheduler, per tenant and in fair "
+    "order, until a worker has fewer graphs in flight than its limit; only then is "
+    "their worker chosen. While they wait they are restricted to a reserved "
+    "address, so Dask's own progress bar and task stream draw them as "
+    "<code>no-worker</code>: that is the held backlog above, not a fault.</p>")
+
+
 def kaas_doc(scheduler: Scheduler, extra: dict, doc: Any) -> None:
     """Build the page for one browser session; it refreshes itself."""
     from bokeh.layouts import column, row
@@ -34,9 +42,10 @@ def kaas_doc(scheduler: Scheduler, extra: dict, doc: Any) -> None:
 
     memory = ColumnDataSource({"worker": [], "const_mib": [], "other_mib": [], "free_mib": [],
                                "capacity_mib": []})
-    tenants = ColumnDataSource({"tenant": [], "graphs_run": [], "errors": [], "rps": [],
-                                "p50_ms": [], "p99_ms": [], "queue_wait_ms": [],
+    tenants = ColumnDataSource({"tenant": [], "held": [], "graphs_run": [], "errors": [],
+                                "rps": [], "p50_ms": [], "p99_ms": [], "queue_wait_ms": [],
                                 "mib_to_device": []})
+    in_flight = ColumnDataSource({"worker": [], "in_flight": [], "limit": []})
     resident = ColumnDataSource({"worker": [], "buffer": [], "kib": []})
     timeline = ColumnDataSource({"worker": [], "start": [], "end": [], "tenant": [],
                                  "graph": [], "color": []})
@@ -66,6 +75,7 @@ def kaas_doc(scheduler: Scheduler, extra: dict, doc: Any) -> None:
     tenant_table = DataTable(source=tenants, height=200, sizing_mode="stretch_width",
                              index_position=None, columns=[
         TableColumn(field="tenant", title="tenant"),
+        TableColumn(field="held", title="held in the scheduler"),
         TableColumn(field="graphs_run", title="graphs run"),
         TableColumn(field="errors", title="errors"),
         TableColumn(field="rps", title="requests/s", formatter=fmt),
@@ -78,6 +88,12 @@ def kaas_doc(scheduler: Scheduler, extra: dict, doc: Any) -> None:
         TableColumn(field="worker", title="worker"),
         TableColumn(field="buffer", title="buffer (Dask key or content hash)"),
         TableColumn(field="kib", title="KiB", formatter=fmt)])
+
+    flight_table = DataTable(source=in_flight, height=120, sizing_mode="stretch_width",
+                             index_position=None, columns=[
+        TableColumn(field="worker", title="worker"),
+        TableColumn(field="in_flight", title="graphs in flight"),
+        TableColumn(field="limit", title="limit: slots x (1 + prefetch)")])
 
     palette = Category10_10
     tenant_colors: dict[str, str] = {}
@@ -129,9 +145,18 @@ def kaas_doc(scheduler: Scheduler, extra: dict, doc: Any) -> None:
             hist = list(history[w])
             src.data = {"time": [h[0] for h in hist], "hits": [h[1] for h in hist],
                         "misses": [h[2] for h in hist], "evictions": [h[3] for h in hist]}
+        dispatch = st.get("dispatch", {})
+        held = dispatch.get("backlog", {})
+        flight = {"worker": names, "in_flight": [], "limit": []}
+        for w in workers:
+            ws = scheduler.workers.get(w)
+            flight["in_flight"].append(dispatch.get("in_flight", {}).get(w, 0))
+            flight["limit"].append(plugin.dispatch.limit(ws) if ws is not None else 0)
+        in_flight.data = flight
         rows = {k: [] for k in tenants.data}
         for name, t in st["tenants"].items():
             rows["tenant"].append(name)
+            rows["held"].append(held.get(name, 0))
             rows["graphs_run"].append(t["graphs_run"])
             rows["errors"].append(t["errors"])
             rows["rps"].append(t["requests_per_s"])
@@ -170,6 +195,7 @@ def kaas_doc(scheduler: Scheduler, extra: dict, doc: Any) -> None:
                       "<a href='kaas/state.json'>kaas/state.json</a>).</p>")
     doc.add_root(column(header, row(mem_fig, sizing_mode="stretch_width"), rate_fig,
                         tl_fig, Div(text="<h3>Tenants</h3>"), tenant_table,
+                        Div(text=HELD_NOTE), flight_table,
                         Div(text="<h3>Buffers resident on devices</h3>"), resident_table,
                         sizing_mode="stretch_width"))
     from distributed.dashboard.components.scheduler import BOKEH_THEME, env
