@@ -427,8 +427,13 @@ def test_operator_routes(gw, kaas):
     assert status == 200 and doc == {"tenant": "bob", "weight": 3.5}
     assert client.kaas_stats()["weights"]["bob"] == 3.5
     for bad in ({"weight": -1}, {"weight": "2"}, {"weight": True}, {"w": 1}, [1],
-                b'{"weight": NaN}', b'{"weight": Infinity}', {"weight": 1e300}):
+                b'{"weight": NaN}', b'{"weight": Infinity}', {"weight": 1e300},
+                {"weight": 1e-7}):
         assert gw.json("PUT", "/v1/tenants/bob/weight", bad, OPS)[0] == 400, bad
+    # a refused weight leaves bob's as it was: his requests still run
+    register(gw, "bob", "layer-b", layer_graph(), {"w": W, "b": B})
+    infer(triton(gw), "bob", "layer-b", np.ones((8, 16), np.float32), True)
+    assert client.kaas_stats()["weights"]["bob"] == 3.5
     assert gw.json("PUT", "/v1/tenants/mallory/weight", {"weight": 1}, OPS)[0] == 404
     status, doc = gw.json("PUT", "/v1/policy", {"policy": "balance"}, OPS)
     assert status == 200 and client.kaas_stats()["policy"] == "balance"

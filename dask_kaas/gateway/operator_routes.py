@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from ..checks import WEIGHT_RANGE
 from ..graph.errors import KaasError
 from .errors import BadRequestError, NotFoundError
 from .handlers import OPERATOR, BaseHandler, BodyHandler
@@ -15,9 +16,10 @@ class WeightHandler(BodyHandler):
     async def put(self, tenant: str) -> None:
         doc = self.json_body("the weight document")
         weight = doc.get("weight") if isinstance(doc, dict) else None
+        lo, hi = WEIGHT_RANGE  # the range the scheduler accepts
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (
-                math.isfinite(weight) and 0 < weight <= 1e6):
-            raise BadRequestError("body must be {\"weight\": <number in (0, 1e6]>}")
+                math.isfinite(weight) and lo <= weight <= hi):
+            raise BadRequestError(f"body must be {{\"weight\": <number in {lo:g}..{hi:g}>}}")
         if tenant not in self.gw.tenants.tenants:
             raise NotFoundError(f"no tenant {tenant[:80]!r} in the tenants file")
         self.gw.weights[tenant] = float(weight)
