@@ -14,7 +14,7 @@ import dask
 import numpy as np
 import pytest
 
-from dask_kaas import InOut, Kernel, KernelGraph, Out, SerializationError
+from dask_kaas import InOut, KaasError, Kernel, KernelGraph, Out, SerializationError
 from dask_kaas.workloads import jacobi, mlp, sgemm
 
 
@@ -258,3 +258,16 @@ def test_no_n_iter_cap_still_bounds_it_to_64_bits():
         assert KernelGraph.from_dict(with_(["n_iter"], 2**40)).n_iter == 2**40
         with pytest.raises(SerializationError, match="n_iter"):
             KernelGraph.from_dict(with_(["n_iter"], 2**64))
+
+
+@pytest.mark.parametrize("key,value", [
+    ("kaas.array-modules", 5), ("kaas.array-modules", [None]),
+    ("kaas.max-graph-document", "lots"), ("kaas.max-graph-document", -1),
+    ("kaas.max-graph-document", float("inf")), ("kaas.max-n-iter", "many"),
+    ("kaas.max-n-iter", 0),
+])
+def test_bad_config_values_are_a_serialization_error(key, value):
+    text = sgemm.link_graph(4).to_json()
+    with dask.config.set({key: value}):
+        with pytest.raises(KaasError, match=key):
+            KernelGraph.from_json(text)

@@ -15,6 +15,7 @@ from distributed.security import Security
 from dask_kaas import (
     AccessDeniedError,
     KaasClient,
+    KaasError,
     Kernel,
     KernelGraph,
     LocalKaasCluster,
@@ -56,7 +57,7 @@ def security(certs, cn: str, node: bool = False) -> Security:
 @pytest.fixture(scope="module")
 def tls_cluster(certs):
     with dask.config.set({"kaas.operators": ["ops"]}):
-        with LocalKaasCluster(1, backend="cpu", protocol="tls://", dashboard_address=None,
+        with LocalKaasCluster(1, backend="cpu", protocol="tls://", dashboard_address="127.0.0.1:0",
                               security=security(certs, "node", node=True),
                               device_memory_limit="64MB") as c:
             yield c
@@ -132,3 +133,13 @@ def test_tenant_cannot_submit_as_another(clients):
     assert tenants["alice"]["graphs_run"] == 2
     assert tenants["carol"]["graphs_run"] == 1
     assert "bob" not in tenants and "default" not in tenants
+
+
+@pytest.mark.parametrize("value", [5, [None], {"ops": True}])
+def test_a_malformed_operators_setting_lets_nobody_in(clients, value):
+    with dask.config.set({"kaas.operators": value}):
+        with pytest.raises(KaasError, match="kaas.operators"):
+            clients["ops"].kaas_set_policy("balance")
+    assert clients["ops"].kaas_stats()["policy"] == "affinity"
+    with dask.config.set({"kaas.operators": "ops"}):  # one identity as a string
+        assert clients["ops"].kaas_set_policy("affinity") == "affinity"

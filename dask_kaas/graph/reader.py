@@ -53,10 +53,14 @@ def max_document_bytes() -> int:
 
     value = config.get("max-graph-document", "32MiB")
     try:
-        return int(parse_bytes(value))
-    except (TypeError, ValueError):
+        limit = int(parse_bytes(value))
+        if limit <= 0:
+            raise ValueError("not positive")
+    except (TypeError, ValueError, OverflowError):
         raise SerializationError(
-            f"config kaas.max-graph-document must be a size, got {value!r}") from None
+            f"config kaas.max-graph-document must be a positive size, got {show(value)}") \
+            from None
+    return limit
 
 
 def max_n_iter() -> int:

@@ -58,10 +58,14 @@ class Caller:
 
 
 def operators() -> frozenset[str]:
+    """``kaas.operators``; a malformed setting is an error (never "anyone")."""
     value = config.get("operators", []) or []
     if isinstance(value, str):
         value = [value]
-    return frozenset(v for v in value if isinstance(v, str))
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise KaasError(f"config kaas.operators must be a list of certificate identities, "
+                        f"got {show(value)}")
+    return frozenset(value)
 
 
 def caller_of(comm: Any) -> Caller:
