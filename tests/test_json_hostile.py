@@ -271,3 +271,16 @@ def test_bad_config_values_are_a_serialization_error(key, value):
     with dask.config.set({key: value}):
         with pytest.raises(KaasError, match=key):
             KernelGraph.from_json(text)
+
+
+def test_cuda_source_that_cannot_be_written_is_refused_when_built():
+    from dask_kaas import KernelDefinitionError
+
+    for kw in ({"source": "__global__ void k() {} // \ud800"},
+               {"source": "__global__ void k() {}", "options": ["-D\udfff"]}):
+        with pytest.raises(KernelDefinitionError, match="Unicode"):
+            Kernel.cuda(name="k", **kw)
+    for kw in ({"options": 5}, {"options": "-O3"}, {"name_expressions": 5},
+               {"options": [b"-O3"]}):
+        with pytest.raises(KernelDefinitionError, match="list of strings"):
+            Kernel.cuda("__global__ void k() {}", "k", **kw)

@@ -21,6 +21,16 @@ if TYPE_CHECKING:
     from .reader import Where
 
 
+def _encodable(*texts: object) -> bool:
+    try:
+        for t in texts:
+            if isinstance(t, str):
+                t.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class Kernel:
     """The code of a launch.  Build one with the ``Kernel.*`` constructors."""
 
@@ -75,13 +85,17 @@ class Kernel:
             raise KernelDefinitionError("Kernel.cuda needs non-empty CUDA source", kernel=name)
         if cpu is not None and not callable(cpu):
             raise KernelDefinitionError(f"cpu= must be callable, got {cpu!r}", kernel=name)
-        if isinstance(options, str) or any(not isinstance(o, str) for o in options):
+        if isinstance(options, str) or not isinstance(options, (list, tuple)) or any(
+                not isinstance(o, str) for o in options):
             raise KernelDefinitionError("NVRTC options must be a list of strings",
                                         kernel=name)
-        if isinstance(name_expressions, str) or any(
-                not isinstance(e, str) for e in name_expressions):
+        if isinstance(name_expressions, str) or not isinstance(name_expressions, (list, tuple)) \
+                or any(not isinstance(e, str) for e in name_expressions):
             raise KernelDefinitionError("name_expressions must be a list of strings",
                                         kernel=name)
+        if not _encodable(source, *options, *name_expressions):
+            raise KernelDefinitionError("CUDA source and options must be valid Unicode (a lone "
+                                        "surrogate cannot be compiled or written)", kernel=name)
         exprs = tuple(name_expressions)
         if exprs and name not in exprs:
             exprs = exprs + (name,)
