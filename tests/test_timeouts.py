@@ -190,6 +190,27 @@ def test_runaway_kernel_gets_its_worker_restarted(client):
     check_bystanders(client, 20, seed=2)
 
 
+def test_cancelled_runaway_gets_its_worker_restarted(client):
+    """No time limit at all: the client cancels a request whose kernel never
+    returns.  Its slot takes no new work, and after the grace period its
+    worker is restarted."""
+    before = pids(client)
+    fut = client.submit_kernel_graph(sleeper_graph(math.inf, "abandoned"),
+                                     {"x": np.ones(N, np.float32)})
+    until(lambda: any(st["running"] for st in worker_stats(client).values()), 30, "running")
+    fut.cancel()
+    stuck = until(lambda: [a for a, st in worker_stats(client).items() if st["overdue"]], 30,
+                  "overdue after cancel")
+    futs = check_bystanders(client, 10, seed=6)  # while the slot is still held
+    who = client.who_has(futs)
+    assert all(who[f.key] and stuck[0] not in who[f.key] for f in futs), who
+    record = until(lambda: [r for r in restarts(client) if r["worker"] == stuck[0]], 60,
+                   "restart")
+    assert "cancelled" in record[-1]["reason"] and stuck[0] in before
+    until(lambda: len(pids(client)) == 2 and stuck[0] not in pids(client), 60, "new worker")
+    check_bystanders(client, 20, seed=7)
+
+
 def breaks_device(xp, x, y):
     """What a sticky CUDA fault looks like to the runtime: the request fails
     and the device is marked broken (the CUDA backend does this itself)."""

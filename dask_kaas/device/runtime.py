@@ -158,8 +158,8 @@ class WorkerRuntime:
             check_n_iter(graph)
             return deadline.run_within(
                 lambda: self._run_retrying_oom(graph, request, values, ids, report),
-                timeout, on_overdue=lambda: self._set_overdue(str(request.key), True),
-                on_late_return=lambda: self._set_overdue(str(request.key), False),
+                timeout, on_overdue=lambda: self.set_overdue(str(request.key), True),
+                on_late_return=lambda: self.set_overdue(str(request.key), False),
                 graph=graph.name)
         except KaasError:
             raise
@@ -167,7 +167,9 @@ class WorkerRuntime:
             failure = user_failure(KernelExecutionError, "request failed", e, graph=graph.name)
         raise failure
 
-    def _set_overdue(self, key: str, overdue: bool) -> None:
+    def set_overdue(self, key: str, overdue: bool) -> None:
+        """Mark a request whose kernel holds a slot although nobody waits for
+        it any more (past its time limit, or cancelled while running)."""
         with self._lock:
             if overdue:
                 self.overdue[key] = time.monotonic()

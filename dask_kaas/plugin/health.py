@@ -23,12 +23,14 @@ class Health:
         self._executing: set[Any] = set()
         self._parked: set[Any] = set()
 
-    def transition(self, key: Any, start: str, finish: str) -> bool:
-        """Follow one task transition; True when a task stopped executing."""
+    def transition(self, key: Any, start: str, state: str) -> bool:
+        """Follow one task transition (``state``: where the task really is
+        now); True when a task stopped executing.  A task cancelled while
+        executing keeps running until its function returns."""
         with self._lock:
-            if finish == "executing":
+            if state == "executing":
                 self._executing.add(key)
-            elif start == "executing":
+            elif state != "cancelled" and key in self._executing:
                 self._executing.discard(key)
                 self._parked.discard(key)
                 return True

@@ -4,9 +4,10 @@ Two cases, both reported by the worker in its statistics (over the stream
 the scheduler plugin already reads):
 
 - ``broken``: the device hit a sticky fault; nothing more can run there.
-- ``overdue``: a request passed its time limit and failed, but its kernel's
-  thread still holds a slot.  If it has not returned ``kaas.request-timeout-grace``
-  seconds later, only a new process gets that slot back.
+- ``overdue``: a request passed its time limit and failed (or was cancelled
+  while it ran), but its kernel's thread still holds a slot.  If it has not
+  returned ``kaas.request-timeout-grace`` seconds later, only a new process
+  gets that slot back.
 
 The restart goes through ``Scheduler.restart_workers``: with a Nanny the
 process is killed and started again; without one the worker is removed.
@@ -61,8 +62,8 @@ class RestartGuard:
 
     def _check(self, worker: str, key: str) -> None:
         if key in self.overdue.get(worker, {}):
-            self.restart(worker, f"request {key!r} still running "
-                                 f"{timeout_grace():g} s after its time limit")
+            self.restart(worker, f"request {key!r} still running {timeout_grace():g} s "
+                                 "after its time limit passed or it was cancelled")
 
     def restart(self, worker: str, reason: str) -> None:
         if worker in self.restarting or worker not in self.scheduler.workers:

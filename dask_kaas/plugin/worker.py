@@ -105,11 +105,19 @@ class KaasWorkerPlugin(WorkerPlugin):
         """Track the cacheable inputs of graphs waiting on this worker, and
         the tasks executing here (see :mod:`.health`)."""
         rt, worker = self.runtime, self.worker
-        if self.health.transition(key, start, finish) and rt is not None \
+        ts = worker.state.tasks.get(key) if worker is not None else None
+        state = ts.state if ts is not None else finish  # "released" may mean cancelled
+        if self.health.transition(key, start, state) and rt is not None \
                 and rt.broken is not None and worker is not None:
             worker.loop.add_callback(self.flush, None, True)
+        if rt is not None and ts is not None and _request_of(ts.run_spec) is not None:
+            if state == "cancelled" and start in ("executing", "long-running"):
+                # Nobody wants its result, but its kernel keeps the slot: the
+                # same as a request past its time limit (see restart.py).
+                rt.set_overdue(str(key), True)
+            elif start == "cancelled":
+                rt.set_overdue(str(key), False)
         if finish in ("ready", "constrained", "waiting"):
-            ts = worker.state.tasks.get(key) if worker is not None else None
             request = _request_of(ts.run_spec) if ts is not None else None
             if request is not None:
                 # By Dask key, as the runtime identifies them (never the
