@@ -15,6 +15,7 @@ request's fault and must not fail it.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -104,6 +105,40 @@ def run_within(fn: Callable[[], T], timeout: float | None, *,
     if timeout is None:
         return fn()
     job = _Job(timeout, on_overdue, on_late_return, graph)
-    threading.Thread(target=job.run, args=(fn,), name=f"kaas-request-{graph}",
-                     daemon=True).start()
+    _runners.submit(job, fn)
     return job.wait()
+
+
+class _Runners:
+    """Daemon threads that run limited requests, reused while idle: starting
+    a thread per request costs more than the handoff.  A runner stuck in a
+    kernel that never returns is simply not idle, so another one starts."""
+
+    #: Idle runners kept at most (the rest exit).
+    MAX_IDLE = 8
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: queue.SimpleQueue[tuple[_Job, Callable[[], Any]]] = queue.SimpleQueue()
+        self._idle = 0
+
+    def submit(self, job: _Job, fn: Callable[[], Any]) -> None:
+        with self._lock:
+            spawn = self._idle == 0
+            if not spawn:
+                self._idle -= 1  # that runner is taken by this job
+        self._jobs.put((job, fn))
+        if spawn:
+            threading.Thread(target=self._loop, name="kaas-request", daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            job, fn = self._jobs.get()
+            job.run(fn)
+            with self._lock:
+                if self._idle >= self.MAX_IDLE:
+                    return
+                self._idle += 1
+
+
+_runners = _Runners()

@@ -56,6 +56,7 @@ class KaasWorkerPlugin(WorkerPlugin):
         self._queued_lock = threading.Lock()
         self._callback: PeriodicCallback | None = None
         self.health = Health()
+        self._closing = threading.Event()
 
     def __getstate__(self) -> dict[str, Any]:
         # Sent from the scheduler to every worker: settings only.
@@ -92,6 +93,7 @@ class KaasWorkerPlugin(WorkerPlugin):
                     backend.name, capacity, slots)
 
     def teardown(self, worker: Worker) -> None:
+        self._closing.set()  # wakes requests parked on a broken device
         if self._callback is not None:
             self._callback.stop()
         worker.handlers.pop("kaas_worker_stats", None)
@@ -166,9 +168,9 @@ class KaasWorkerPlugin(WorkerPlugin):
 
     def await_restart(self, reason: str) -> None:
         """Hold a request that reached a broken device until the scheduler
-        restarts this worker (Dask then runs the request elsewhere); fail it
-        only if no restart comes."""
-        import time
+        restarts this worker, then hand it back to be run elsewhere
+        (``Reschedule``); fail it only if no restart comes."""
+        from distributed import Reschedule
 
         from ..limits import timeout_grace
 
@@ -176,7 +178,8 @@ class KaasWorkerPlugin(WorkerPlugin):
         if worker is not None:
             self.health.park(worker.get_current_task())
         self.state_changed()
-        time.sleep(timeout_grace() + RESTART_WAIT_S)
+        if self._closing.wait(timeout_grace() + RESTART_WAIT_S):
+            raise Reschedule()  # the worker is going away: not this request's fault
         raise KaasError(f"worker {getattr(self.worker, 'address', '?')} cannot run kernels "
                         f"({reason}) and was not restarted")
 
