@@ -42,6 +42,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate", type=float, default=100.0, help="open loop: requests/s")
     p.add_argument("--duration", type=float, default=None, help="seconds per mode")
     p.add_argument("--slots", type=int, default=1, help="graphs a worker runs at once")
+    from .placement import count_arg
+
+    p.add_argument("--clients", type=count_arg(1, 64), default=1,
+                   help="load generator processes for the kaas and naive modes, each with "
+                        "its own client and a share of the tenants; with more than one, "
+                        "scheduler-side latency is reported too")
     p.add_argument("--no-fairness", action="store_true")
     p.add_argument("--no-overhead", action="store_true")
     p.add_argument("--quick", action="store_true", help="a run of under 2 minutes")
@@ -125,7 +131,14 @@ def run(args: argparse.Namespace) -> int:
                 else:
                     policy = "affinity" if m == "kaas" else m.split("-", 1)[1]
                     mode = KaasMode(client, workload, policy, name=m)
-                res = run_load(mode, workload, tenants, spec).summary()
+                if args.clients > 1 and m != "static":
+                    from .multiproc import run_load_processes
+
+                    res = run_load_processes(
+                        client, mode, m, (args.workload, args.weights_mib, args.batch),
+                        tenants, spec, args.clients).summary()
+                else:
+                    res = run_load(mode, workload, tenants, spec).summary()
                 if m == "static":
                     static_mode.close()  # a fresh pool per tenant count
                     static_mode = None
@@ -192,6 +205,11 @@ def print_summary(doc: dict[str, Any]) -> None:
               f"{fair['kaas']['last_light']} with kaas (FIFO: {fifo_last}); weighted 2:1 "
               f"completed {fair['weighted']['completed']} (ratio "
               f"{f(fair['weighted']['ratio'])})")
+    for r in doc["runs"]:
+        if r.get("scheduler_p50_ms") is not None:
+            print(f"{r['mode']} ({r['tenants']} tenants): scheduler-side p50 "
+                  f"{r['scheduler_p50_ms']:.1f} ms, p99 {r['scheduler_p99_ms']:.1f} ms "
+                  f"(client-side {r['p50_ms']:.1f} / {r['p99_ms']:.1f} ms)")
     ov = doc.get("overhead")
     if ov:
         print(f"overhead: kaas p50 {ov['kaas_p50_ms']:.2f} ms vs plain client.submit "

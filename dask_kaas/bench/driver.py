@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,8 @@ class RunResult:
     verified: int = 0
     mismatches: int = 0
     counters: dict[str, float] = field(default_factory=dict)
+    #: Scheduler-side latencies (seconds), where measured (several processes).
+    scheduler_latencies: list[float] | None = None
 
     def summary(self) -> dict[str, Any]:
         lat = np.array(self.latencies) * 1000 if self.latencies else np.array([np.nan])
@@ -58,15 +61,26 @@ class RunResult:
             "evictions": int(self.counters.get("evictions", 0)),
             "verified": self.verified,
             "per_tenant": self.per_tenant,
+            **self._scheduler_summary(),
         }
+
+    def _scheduler_summary(self) -> dict[str, Any]:
+        if self.scheduler_latencies is None:
+            return {}
+        from .multiproc import scheduler_summary
+
+        return scheduler_summary(self.scheduler_latencies)
 
 
 def run_load(mode: Mode, workload: Workload, tenants: list[Tenant], spec: LoadSpec,
-             seed: int = 0, progress: bool = True) -> RunResult:
+             seed: int = 0, progress: bool = True,
+             ready: Callable[[], None] | None = None) -> RunResult:
     """Drive ``mode`` with requests from every tenant; measure after warm-up.
 
     A request counts when it finished within the measured window; one result
-    in ``verify_every`` is fetched and checked against NumPy.
+    in ``verify_every`` is fetched and checked against NumPy.  ``ready`` is
+    called between the warm-up and the measured window (several load
+    processes start measuring together).
     """
     rng = np.random.default_rng(seed)
     # Inputs are made up front: generating them must not slow the load down.
@@ -76,6 +90,8 @@ def run_load(mode: Mode, workload: Workload, tenants: list[Tenant], spec: LoadSp
             for _ in range(spec.warmup)]
     for w in warm:
         w.result()
+    if ready is not None:
+        ready()
     before = mode.counters()
     result = RunResult(mode.name, len(tenants), spec.duration)
     meta: dict[Any, tuple[int, float, dict]] = {}

@@ -71,16 +71,20 @@ class Mode(abc.ABC):
 
 class KaasMode(Mode):
     def __init__(self, client: KaasClient, workload: Workload, policy: str = "affinity",
-                 name: str | None = None) -> None:
+                 name: str | None = None, manage: bool = True) -> None:
         self.client = client
         self.workload = workload
         self.policy = policy
         self.name = name or ("kaas" if policy == "affinity" else f"kaas-{policy}")
+        #: False in the extra load-generator processes: one process sets the
+        #: policy and clears the caches for all of them.
+        self.manage = manage
 
     def prepare(self, tenants: list[Tenant]) -> None:
         super().prepare(tenants)
-        self.client.kaas_set_policy(self.policy)
-        self.client.kaas_clear_caches()
+        if self.manage:
+            self.client.kaas_set_policy(self.policy)
+            self.client.kaas_clear_caches()
 
     def submit(self, tenant: int, request: dict[str, Any]) -> Any:
         t = self.tenants[tenant]

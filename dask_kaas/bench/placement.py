@@ -28,7 +28,8 @@ from ..request import GraphRequest, InputRef
 MIB = 2**20
 
 
-def _count(low: int, high: int):
+def count_arg(low: int, high: int) -> Any:
+    """An argparse type: an integer within [low, high]."""
     def parse(text: str) -> int:
         try:
             n = int(text)
@@ -41,11 +42,11 @@ def _count(low: int, high: int):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workers", type=_count(1, 100_000), default=100)
-    p.add_argument("--buffers", type=_count(0, 10_000_000), default=10_000,
+    p.add_argument("--workers", type=count_arg(1, 100_000), default=100)
+    p.add_argument("--buffers", type=count_arg(0, 10_000_000), default=10_000,
                    help="resident buffers in the pool")
-    p.add_argument("--tenants", type=_count(1, 100_000), default=8)
-    p.add_argument("--decisions", type=_count(1, 10_000_000), default=5000)
+    p.add_argument("--tenants", type=count_arg(1, 100_000), default=8)
+    p.add_argument("--decisions", type=count_arg(1, 10_000_000), default=5000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the result here")
 
