@@ -316,3 +316,35 @@ def test_no_workers_timeout_does_not_fail_held_graphs():
         futs = [c.submit_kernel_graph(g, inputs(i, w)) for i in range(60)]  # ~3 s of work
         for i, f in enumerate(futs):
             np.testing.assert_allclose(f.result(timeout=60)["y"], 2 * i + 1)
+
+
+def test_two_clients_with_equal_weights_share_the_pool_equally(lb_client):
+    import threading
+
+    c = lb_client
+    g = plain_graph(0.04)
+    w = np.ones(N, np.float32)
+    c.submit_kernel_graph(g, inputs(0, w)).result()
+    c.run_on_scheduler(lambda dask_scheduler: dask_scheduler.plugins[
+        InFlightObserver.name].releases.clear())
+    futs: dict[str, list] = {"big": [], "small": []}
+    with KaasClient(c.scheduler.address) as other:
+        def flood(client, tenant, n):
+            for i in range(n):
+                futs[tenant].append(client.submit_kernel_graph(g, inputs(i, w), tenant=tenant))
+
+        threads = [threading.Thread(target=flood, args=(c, "big", 80)),
+                   threading.Thread(target=flood, args=(other, "small", 40))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for tenant, fs in futs.items():
+            for i, f in enumerate(fs):
+                np.testing.assert_allclose(f.result()["y"], 2 * i + 1)
+    releases = c.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.plugins[
+        InFlightObserver.name].releases))
+    both = [t for t, backlog in releases if {"big", "small"} <= set(backlog)]
+    assert len(both) >= 20, releases
+    ratio = both.count("big") / both.count("small")
+    assert 0.8 <= ratio <= 1.25, (both.count("big"), both.count("small"))
