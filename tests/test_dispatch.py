@@ -348,3 +348,29 @@ def test_two_clients_with_equal_weights_share_the_pool_equally(lb_client):
     assert len(both) >= 20, releases
     ratio = both.count("big") / both.count("small")
     assert 0.8 <= ratio <= 1.25, (both.count("big"), both.count("small"))
+
+
+def test_kept_output_is_pinned_when_its_graph_is_released(lb_client):
+    c = lb_client
+    g = plain_graph(0.1)
+    w = np.ones(N, np.float32)
+    blockers = [c.submit_kernel_graph(g, inputs(i, w)) for i in range(6)]
+    f = c.submit_kernel_graph(g, inputs(5, w), keep_on_device=["y"])
+    sel = f["y"]
+
+    def restrictions(dask_scheduler, keys=(f.key, sel.key)):
+        return [(dask_scheduler.tasks[k].state, sorted(dask_scheduler.tasks[k].worker_restrictions
+                                                       or ())) for k in keys
+                if k in dask_scheduler.tasks]
+
+    deadline = time.time() + 10
+    while len(got := c.run_on_scheduler(restrictions)) < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    (g_state, g_where), (s_state, s_where) = got
+    workers = set(c.scheduler_info()["workers"])
+    assert g_state == "no-worker" and g_where == [HOLD]  # held: no worker chosen yet
+    assert not set(s_where) & workers  # so its kept output is not pinned anywhere yet
+    np.testing.assert_allclose(sel.result(), 11.0)
+    who = c.who_has([f, sel])
+    assert who[sel.key] == who[f.key] and len(who[f.key]) == 1
+    wait(blockers)
