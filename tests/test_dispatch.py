@@ -339,7 +339,7 @@ def test_two_clients_with_equal_weights_share_the_pool_equally(lb_client):
             t.start()
         for t in threads:
             t.join()
-        for tenant, fs in futs.items():
+        for fs in futs.values():
             for i, f in enumerate(fs):
                 np.testing.assert_allclose(f.result()["y"], 2 * i + 1)
     releases = c.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.plugins[
