@@ -52,10 +52,14 @@ def request_timeout(timeout: Any = None, graph: str | None = None) -> float | No
     return _config_seconds("request-timeout", graph)
 
 
+#: ``kaas.request-timeout-grace`` when it is null.
+DEFAULT_GRACE_S = 10.0
+
+
 def timeout_grace() -> float:
     """How long a timed-out kernel may run on before its worker is restarted."""
     grace = _config_seconds("request-timeout-grace")
-    return 10.0 if grace is None else grace
+    return DEFAULT_GRACE_S if grace is None else grace
 
 
 def max_n_iter() -> int | None:

@@ -296,6 +296,19 @@ def test_bad_configured_timeout_is_a_kaas_error(client, bad):
                                                    "w": np.ones(N, np.float32)})
 
 
+@pytest.mark.parametrize("bad", ["soon", "-1s", 0, float("inf"), [3], True])
+def test_bad_grace_setting_is_a_kaas_error_and_the_guard_falls_back(bad):
+    from dask_kaas.limits import DEFAULT_GRACE_S, timeout_grace
+    from dask_kaas.plugin.restart import _grace
+
+    with dask.config.set({"kaas.request-timeout-grace": bad}):
+        with pytest.raises(KaasError, match="kaas.request-timeout-grace"):
+            timeout_grace()
+        assert _grace() == DEFAULT_GRACE_S
+    with dask.config.set({"kaas.request-timeout-grace": "250ms"}):
+        assert timeout_grace() == 0.25
+
+
 def test_configured_timeout_applies_when_none_is_given(client):
     with dask.config.set({"kaas.request-timeout": "300ms"}):
         fut = client.submit_kernel_graph(sleeper_graph(1.0, "configured"),

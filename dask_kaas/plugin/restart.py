@@ -23,12 +23,23 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from ..limits import timeout_grace
+from ..graph.errors import KaasError
+from ..limits import DEFAULT_GRACE_S, timeout_grace
 
 if TYPE_CHECKING:
     from distributed import Scheduler
 
 logger = logging.getLogger(__name__)
+
+
+def _grace() -> float:
+    """The grace period; a malformed setting must not stop the scheduler
+    from reading worker updates, so it is logged and the default used."""
+    try:
+        return timeout_grace()
+    except KaasError as e:
+        logger.error("dask_kaas: %s; using %g s", e, DEFAULT_GRACE_S)
+        return DEFAULT_GRACE_S
 
 
 class RestartGuard:
@@ -54,7 +65,7 @@ class RestartGuard:
         now = time.monotonic()
         seen = {k: before.get(k, now) for k in keys}
         for key in keys - before.keys():
-            self._later(timeout_grace(), self._check, worker, key)
+            self._later(_grace(), self._check, worker, key)
         if seen:
             self.overdue[worker] = seen
         else:
@@ -62,7 +73,7 @@ class RestartGuard:
 
     def _check(self, worker: str, key: str) -> None:
         if key in self.overdue.get(worker, {}):
-            self.restart(worker, f"request {key!r} still running {timeout_grace():g} s "
+            self.restart(worker, f"request {key!r} still running {_grace():g} s "
                                  "after its time limit passed or it was cancelled")
 
     def restart(self, worker: str, reason: str) -> None:
