@@ -95,7 +95,8 @@ class GatewayProcess:
         deadline = time.monotonic() + timeout
         while not predicate():
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}")
+                raise AssertionError(f"timed out waiting for "
+                                     f"{what() if callable(what) else what}")
             time.sleep(0.02)
 
     def stop(self) -> None:

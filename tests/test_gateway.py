@@ -492,6 +492,10 @@ def test_over_max_in_flight_429_with_retry_after(gw):
                                     "data": x.ravel().tolist()}]}).encode(), TOKENS["carol"])
         assert status == 429 and int(headers["retry-after"]) >= 1
         assert "max_in_flight" in json.loads(data)["error"]
+        # a const upload counts too, and a refused one changes nothing
+        status, headers, _ = gw.request("PUT", "/v1/models/slow/consts/w",
+                                        np.zeros_like(WS).tobytes(), TOKENS["carol"])
+        assert status == 429 and "retry-after" in headers
     finally:
         t.join(120)
     np.testing.assert_allclose(result["y"], slow_ref(x), rtol=1e-4, atol=1e-6)
@@ -532,7 +536,8 @@ def test_disconnect_cancels_the_request(gw, kaas):
     gw.wait_for(lambda: _in_flight(gw, "dave") == 2, "dave's second request in flight")
     sock.close()
     gw.wait_for(lambda: gw.sample(OPS, "dask_kaas_gateway_requests_total", tenant="dave",
-                                  model="slow", status="499") == 1, "the 499")
+                                  model="slow", status="499") == 1,
+                lambda: f"the 499; gateway log:\n{gw.log()[-3000:]}")
     first.join(120)
     np.testing.assert_allclose(result["y"], slow_ref(x), rtol=1e-4, atol=1e-6)
 

@@ -107,27 +107,39 @@ class Dispatcher:
         deadline = loop.time() + timeout_s
         # Where the client takes a time limit, the worker enforces it as well.
         limit = {"timeout": timeout_s} if _SUBMIT_TAKES_TIMEOUT else {}
-        submitted = loop.run_in_executor(self.pool, lambda: self.client.submit_kernel_graph(
-            graph, inputs, tenant=tenant, weight=weight, **limit))
+
+        def submit() -> tuple[Future, concurrent.futures.Future]:
+            fut = self.client.submit_kernel_graph(graph, inputs, tenant=tenant, weight=weight,
+                                                  **limit)
+            # start waiting on the client's loop now, not after a hop back to this one
+            return fut, asyncio.run_coroutine_threadsafe(
+                self.client.gather(fut, asynchronous=True), self.client.loop.asyncio_loop)
+
+        # asyncio.wait, not wait_for: on Python < 3.12 wait_for can swallow a
+        # cancellation that races with completion, and a caller that hung up
+        # must never be waited for.
+        submitted = loop.run_in_executor(self.pool, submit)
         try:
-            fut: Future = await asyncio.wait_for(asyncio.shield(submitted), timeout_s)
-        except (asyncio.TimeoutError, asyncio.CancelledError) as e:
-            # the submission may still go through: cancel what it makes
+            await asyncio.wait({submitted}, timeout=timeout_s)
+        except asyncio.CancelledError:
             submitted.add_done_callback(self._cancel_when_submitted)
-            if isinstance(e, asyncio.TimeoutError):
-                raise self._timeout(graph, timeout_s) from None
             raise
-        gathered = asyncio.run_coroutine_threadsafe(
-            self.client.gather(fut, asynchronous=True), self.client.loop.asyncio_loop)
+        if not submitted.done():
+            submitted.add_done_callback(self._cancel_when_submitted)
+            raise self._timeout(graph, timeout_s)
+        fut, gathered = submitted.result()
+        waiting = asyncio.wrap_future(gathered)
         try:
-            out = await asyncio.wait_for(asyncio.wrap_future(gathered),
-                                         max(deadline - loop.time(), 0.0))
-        except (asyncio.TimeoutError, asyncio.CancelledError) as e:
+            await asyncio.wait({waiting}, timeout=max(deadline - loop.time(), 0.0))
+        except asyncio.CancelledError:
             gathered.cancel()
             self.cancel(fut)
-            if isinstance(e, asyncio.TimeoutError):
-                raise self._timeout(graph, timeout_s) from None
             raise
+        if not waiting.done():
+            gathered.cancel()
+            self.cancel(fut)
+            raise self._timeout(graph, timeout_s)
+        out = waiting.result()
         return {k: np.asarray(v.get() if isinstance(v, DeviceArray) else v)
                 for k, v in out.items()}
 
@@ -146,7 +158,9 @@ class Dispatcher:
 
     def _cancel_when_submitted(self, submitted: asyncio.Future) -> None:
         if not submitted.cancelled() and submitted.exception() is None:
-            self.cancel(submitted.result())
+            fut, gathered = submitted.result()
+            gathered.cancel()
+            self.cancel(fut)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

@@ -61,12 +61,16 @@ class ConstHandler(BodyHandler):
                                   buffer=buffer)
         value = const_from_body(self.body(), self.request.headers.get("Content-Type"),
                                 model.graph.buffers[buffer], model.graph.name)
-        self.gw.registry.set_const(self.principal.name, name, buffer, value)
+        self.gw.dispatcher.admit(self.principal)  # uploads share the tenant's max_in_flight
         try:
-            model.futures[buffer] = await self.gw.dispatcher.scatter(value)  # sent once, now
-        except Exception as e:  # noqa: BLE001 - kept here; sent again with the next request
-            logger.warning("const %s of %s/%s not sent yet: %r", buffer, self.principal.name,
-                           name, e)
+            self.gw.registry.set_const(self.principal.name, name, buffer, value)
+            try:
+                model.futures[buffer] = await self.gw.dispatcher.scatter(value)  # sent once
+            except Exception as e:  # noqa: BLE001 - kept; sent again with the next request
+                logger.warning("const %s of %s/%s not sent yet: %r", buffer,
+                               self.principal.name, name, e)
+        finally:
+            self.gw.dispatcher.release(self.principal)
         self.set_status(204)
         self.finish()
 
