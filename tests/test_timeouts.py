@@ -149,6 +149,7 @@ def test_run_within_passes_results_and_any_exception_through():
         return 42
 
     assert deadline.run_within(ok, 5.0) == 42
+    assert deadline.run_within(ok, 1e300) == 42  # valid, if longer than any lock waits
 
     def exits():
         raise SystemExit(2)
@@ -179,6 +180,13 @@ def test_a_stuck_runner_does_not_hold_up_later_limited_requests():
 
 
 # -- on a cluster ------------------------------------------------------------------
+
+def test_a_huge_but_finite_timeout_is_accepted(client):
+    rng = np.random.default_rng(9)
+    x, w = rng.random(N, np.float32), rng.random(N, np.float32)
+    out = client.submit_kernel_graph(scale_graph("patient"), {"x": x, "w": w}, timeout=1e300)
+    np.testing.assert_allclose(out.result(timeout=60)["y"], 2 * x + w, rtol=1e-6)
+
 
 def test_request_within_its_limit_is_unaffected(client):
     rng = np.random.default_rng(3)

@@ -26,6 +26,8 @@ from ..graph.errors import RequestTimeoutError
 T = TypeVar("T")
 
 _current = threading.local()
+#: Longest single wait on the condition (the loop waits again).
+MAX_WAIT_S = 3600.0
 
 
 def started() -> None:
@@ -85,7 +87,8 @@ class _Job:
                     raise RequestTimeoutError(
                         f"ran longer than its time limit of {self.timeout:g} s; its kernel "
                         "keeps its slot until it returns", graph=self.graph)
-                self.cond.wait(remaining)
+                # In steps: a limit of 1e300 s is valid but no lock can wait that long.
+                self.cond.wait(min(remaining, MAX_WAIT_S))
         if self.error is not None:
             try:
                 raise self.error
