@@ -149,7 +149,13 @@ def test_run_within_passes_results_and_any_exception_through():
         return 42
 
     assert deadline.run_within(ok, 5.0) == 42
-    assert deadline.run_within(ok, 1e300) == 42  # valid, if longer than any lock waits
+
+    def slow_ok():
+        deadline.started()
+        time.sleep(0.1)  # so that the caller really waits
+        return 43
+
+    assert deadline.run_within(slow_ok, 1e300) == 43  # valid, if longer than a lock waits
 
     def exits():
         raise SystemExit(2)
