@@ -250,3 +250,32 @@ def test_peek_skips_excluded_tenants_and_keeps_them_queued():
     assert q.peek(exclude={"a", "b"}) == ("c1", "c")
     assert q.peek(exclude={"a", "b", "c"}) is None
     assert [q.pop()[0] for _ in range(3)] == ["a1", "b1", "c1"]
+
+
+@pytest.mark.parametrize("key,bad", [
+    ("prefetch", -1), ("prefetch", 65), ("prefetch", 1.5), ("prefetch", "1"),
+    ("prefetch", True), ("prefetch", float("nan")), ("prefetch", [1]),
+    ("dispatch-interval", "soon"), ("dispatch-interval", 0), ("dispatch-interval", -1),
+    ("dispatch-interval", float("inf")), ("dispatch-interval", "1000 days"),
+    ("dispatch-interval", "0.1ms"), ("dispatch-interval", {"a": 1}),
+    ("dispatch-interval", b"\xff"),
+])
+def test_hostile_dispatch_config_is_a_kaas_error(key, bad):
+    import dask
+
+    from dask_kaas.plugin.scheduler import KaasSchedulerPlugin
+
+    with dask.config.set({f"kaas.{key}": bad}), pytest.raises(KaasError, match=f"kaas.{key}"):
+        KaasSchedulerPlugin()
+
+
+def test_dispatch_config_defaults_and_valid_values():
+    import dask
+
+    from dask_kaas.plugin.scheduler import KaasSchedulerPlugin
+
+    p = KaasSchedulerPlugin()
+    assert p.dispatch.prefetch == 1 and p.dispatch.interval_s == pytest.approx(0.2)
+    with dask.config.set({"kaas.prefetch": 0, "kaas.dispatch-interval": "50ms"}):
+        p = KaasSchedulerPlugin()
+    assert p.dispatch.prefetch == 0 and p.dispatch.interval_s == pytest.approx(0.05)

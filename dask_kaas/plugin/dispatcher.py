@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .. import config
+from ..graph.errors import KaasError
 from .candidates import LoadIndex, candidate_workers
 from .dispatch import DispatchQueue
 from .placement import PlacementContext, WorkerView
@@ -46,6 +47,33 @@ logger = logging.getLogger(__name__)
 HOLD = "kaas-hold://held"
 #: A release pass stops after this many graphs Dask would not take.
 MAX_FAILED_PER_PASS = 8
+#: Largest ``kaas.prefetch`` (graphs per slot beyond the running ones).
+MAX_PREFETCH = 64
+#: Bounds of ``kaas.dispatch-interval`` in seconds.
+INTERVAL_RANGE = (0.001, 60.0)
+
+
+def prefetch_setting() -> int:
+    """``kaas.prefetch``: an integer from 0 to MAX_PREFETCH."""
+    value = config.get("prefetch", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_PREFETCH:
+        raise KaasError(f"kaas.prefetch must be an integer from 0 to {MAX_PREFETCH}, "
+                        f"got {value!r}")
+    return value
+
+
+def dispatch_interval_s() -> float:
+    """``kaas.dispatch-interval`` in seconds (null: 200 ms)."""
+    from ..limits import _config_seconds
+
+    seconds = _config_seconds("dispatch-interval")
+    if seconds is None:
+        return 0.2
+    lo, hi = INTERVAL_RANGE
+    if not lo <= seconds <= hi:
+        raise KaasError(f"kaas.dispatch-interval must be between {lo * 1000:g} ms and "
+                        f"{hi:g} s, got {seconds!r} s")
+    return seconds
 
 
 class Dispatcher:
@@ -53,7 +81,8 @@ class Dispatcher:
         self.plugin = plugin
         self.queue = DispatchQueue()
         self.index = LoadIndex()
-        self.prefetch = max(0, int(config.get("prefetch", 1)))
+        self.prefetch = prefetch_setting()
+        self.interval_s = dispatch_interval_s()
         #: released key -> worker it went to (until it leaves processing)
         self.released: dict[Any, str] = {}
         #: worker -> graphs in flight there

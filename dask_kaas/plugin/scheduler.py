@@ -16,7 +16,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from dask.utils import parse_timedelta
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
 from tornado.ioloop import PeriodicCallback
@@ -111,8 +110,8 @@ class KaasSchedulerPlugin(HandlersMixin, SchedulerPlugin):
         dashboard.install(scheduler, self)
         await scheduler.register_worker_plugin(
             None, dumps(self.worker_plugin), name=PLUGIN_NAME, idempotent=True)
-        interval = parse_timedelta(config.get("dispatch-interval", "200ms"))
-        self._periodic = PeriodicCallback(self.dispatch.periodic, interval * 1000)
+        self._periodic = PeriodicCallback(self.dispatch.periodic,
+                                          self.dispatch.interval_s * 1000)
         self._periodic.start()
 
     async def close(self) -> None:
