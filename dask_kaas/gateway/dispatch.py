@@ -53,6 +53,11 @@ logger = logging.getLogger(__name__)
 _SUBMIT_TAKES_TIMEOUT = "timeout" in inspect.signature(KaasClient.submit_kernel_graph).parameters
 
 
+def _read_outcome(fut: Any) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
 class Dispatcher:
     def __init__(self, client: KaasClient, submit_threads: int = 4) -> None:
         self.client = client
@@ -132,12 +137,10 @@ class Dispatcher:
         try:
             await asyncio.wait({waiting}, timeout=max(deadline - loop.time(), 0.0))
         except asyncio.CancelledError:
-            gathered.cancel()
-            self.cancel(fut)
+            self._abandon(fut, waiting)
             raise
         if not waiting.done():
-            gathered.cancel()
-            self.cancel(fut)
+            self._abandon(fut, waiting)
             raise self._timeout(graph, timeout_s)
         out = waiting.result()
         return {k: np.asarray(v.get() if isinstance(v, DeviceArray) else v)
@@ -156,11 +159,21 @@ class Dispatcher:
         except RuntimeError:  # the client's loop is closed: nothing left to cancel
             pass
 
+    def _abandon(self, fut: Future, waiting: asyncio.Future) -> None:
+        """Nobody waits for this request any more: cancel its Dask future.
+
+        The gather is left to end by itself (the cancellation makes it raise
+        at once) rather than cancelled from outside, which would make
+        distributed log an error from inside ``Client._gather``; its outcome
+        is read here so that asyncio does not log it as never retrieved."""
+        self.cancel(fut)
+        waiting.add_done_callback(_read_outcome)
+
     def _cancel_when_submitted(self, submitted: asyncio.Future) -> None:
         if not submitted.cancelled() and submitted.exception() is None:
             fut, gathered = submitted.result()
-            gathered.cancel()
             self.cancel(fut)
+            gathered.add_done_callback(_read_outcome)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
