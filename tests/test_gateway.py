@@ -164,6 +164,7 @@ def test_curl_style_json_and_allowed_cpu_function(gw):
                        {"name": "x0", "datatype": "FP32", "shape": [n], "data": x0.tolist()}]}
     status, doc = gw.json("POST", "/v2/models/jacobi/infer", body, TOKENS["alice"])
     assert status == 200, doc
+    assert (doc["model_name"], doc["model_version"]) == ("jacobi", "1")
     (out,) = doc["outputs"]
     assert (out["name"], out["datatype"], out["shape"]) == ("x", "FP32", [n])
     np.testing.assert_allclose(out["data"], reference(A, b, x0, iters), rtol=1e-4, atol=1e-5)
@@ -311,6 +312,21 @@ HOSTILE = {
     "const as input": json.dumps({"inputs": [
         {"name": "w", "datatype": "FP32", "shape": [16, 4], "data": [0.0] * 64}]}).encode(),
 }
+
+
+def test_lying_content_length(gw):
+    """A Content-Length that is not a number is refused before any body."""
+    with socket.create_connection((gw.host, gw.port), timeout=60) as sock:
+        sock.sendall(b"POST /v2/models/layer/infer HTTP/1.1\r\nHost: x\r\nAuthorization: "
+                     b"Bearer " + TOKENS["alice"].encode() + b"\r\nContent-Length: 12abc\r\n"
+                     b"\r\n{}")
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 400")
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))

@@ -223,10 +223,11 @@ def _decode_outputs(items: Any, binary_default: bool,
 
 
 def encode_infer_response(graph: KernelGraph, request: InferRequest,
-                          results: Mapping[str, np.ndarray],
-                          version: str = "1") -> tuple[bytes, int | None]:
+                          results: Mapping[str, np.ndarray], version: str = "1",
+                          model_name: str | None = None) -> tuple[bytes, int | None]:
     """The response body, and the JSON header's length when binary outputs
-    follow it (for ``Inference-Header-Content-Length``)."""
+    follow it (for ``Inference-Header-Content-Length``).  ``model_name`` is
+    the name the caller used (default: the graph's)."""
     outputs = []
     blobs: list[bytes] = []
     for name, binary in request.outputs:
@@ -242,7 +243,7 @@ def encode_infer_response(graph: KernelGraph, request: InferRequest,
         else:
             entry["data"] = arr.ravel().tolist()
         outputs.append(entry)
-    doc: dict[str, Any] = {"model_name": graph.name, "model_version": version,
+    doc: dict[str, Any] = {"model_name": model_name or graph.name, "model_version": version,
                            "outputs": outputs}
     if request.id is not None:
         doc["id"] = request.id

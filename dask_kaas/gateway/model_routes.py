@@ -132,7 +132,8 @@ class InferHandler(BodyHandler):
         finally:
             self.gw.dispatcher.release(self.principal)
             self.gw.metrics.in_flight.labels(self.principal.name).dec()
-        payload, header_length = encode_infer_response(model.graph, request, results, VERSION)
+        payload, header_length = encode_infer_response(model.graph, request, results, VERSION,
+                                                       model_name=name)
         if header_length is not None:
             self.set_header(HEADER_LENGTH, str(header_length))
             self.set_header("Content-Type", "application/octet-stream")
