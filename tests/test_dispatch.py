@@ -120,6 +120,8 @@ def test_flood_of_separate_submissions_keeps_one_plus_prefetch_per_worker(lb_cli
     state = dispatch_state(c)
     assert state["backlog"] == {} and state["in_flight"] == {} and state["running"] == 0
     assert state["releases"] >= 300
+    # The room kept up to date release by release matches a full recount.
+    assert state["room"] == {w: 2 for w in c.scheduler_info()["workers"]}, state["room"]
 
 
 def test_slow_worker_gets_about_a_fifth_of_the_work(lb_client):

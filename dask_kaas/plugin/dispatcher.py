@@ -87,6 +87,12 @@ class Dispatcher:
         self.released: dict[Any, str] = {}
         #: worker -> graphs in flight there
         self.in_flight: dict[str, int] = {}
+        #: running worker -> graphs it may still take.  Kept exact for the
+        #: workers a release or a finished graph touches (O(1) each), and
+        #: rebuilt over all workers only by the periodic pass and when a
+        #: worker joins, so a pass costs O(released x log workers).
+        self.room: dict[str, int] = {}
+        self._room_stale = True
         self._seq = itertools.count()
         self._pass_due = False
         self.releases = 0
@@ -135,10 +141,12 @@ class Dispatcher:
             self.queue.remove(key)
 
     def worker_added(self, address: str) -> None:
+        self._room_stale = True
         self.wake()
 
     def worker_removed(self, address: str) -> None:
         self.in_flight.pop(address, None)
+        self.room.pop(address, None)
         self.index.discard(address)
         for key in [k for k, w in self.released.items() if w == address]:
             # Dask released them before this hook; this is a safety net.
@@ -152,7 +160,31 @@ class Dispatcher:
             self.in_flight[worker] = n
         else:
             self.in_flight.pop(worker, None)
+        self._touch(worker)
         self.wake()
+
+    def _touch(self, worker: str) -> None:
+        """Bring ``worker``'s room and its place in the load index up to date."""
+        s = self.scheduler
+        ws = s.workers.get(worker)
+        free = 0
+        if ws is not None and ws in s.running:
+            free = self.limit(ws) - self.in_flight.get(worker, 0)
+        if free > 0:
+            self.room[worker] = free
+            self.index.update(worker, self.plugin.free_at.get(worker, 0.0))
+        else:
+            self.room.pop(worker, None)
+            self.index.discard(worker)
+
+    def _rebuild_room(self) -> None:
+        self.room = self.open_workers()
+        for addr in self.index.members():
+            if addr not in self.room:
+                self.index.discard(addr)
+        for addr in self.room:
+            self.index.update(addr, self.plugin.free_at.get(addr, 0.0))
+        self._room_stale = False
 
     # -- release pass ------------------------------------------------------------
     def wake(self) -> None:
@@ -191,18 +223,14 @@ class Dispatcher:
         if not self.queue:
             return 0
         self.keep_held_alive()
-        room = self.open_workers()
+        if self._room_stale:
+            self._rebuild_room()
+        room = self.room
         if not room:
             return 0
         stimulus_id = stimulus_id or f"kaas-release-{time.time()}"
-        plugin = self.plugin
         now = time.monotonic()
-        ctx = plugin._context(now)
-        for addr in self.index.members():
-            if addr not in room:
-                self.index.discard(addr)
-        for addr in room:
-            self.index.update(addr, plugin.free_at.get(addr, 0.0))
+        ctx = self.plugin._context(now)
         excluded: set[str] = set()
         failed: list[tuple[Any, str, int]] = []
         try:
@@ -247,13 +275,7 @@ class Dispatcher:
                     break
                 continue
             released += 1
-            left = room.get(worker, 0) - 1
-            if left > 0:
-                room[worker] = left
-                self.index.update(worker, plugin.free_at.get(worker, 0.0))
-            else:
-                room.pop(worker, None)
-                self.index.discard(worker)
+            self._touch(worker)
         return released
 
     def _view(self, addr: str, now: float) -> WorkerView | None:
@@ -339,6 +361,7 @@ class Dispatcher:
         if self.plugin.scheduler is None:
             return
         self.keep_held_alive()
+        self._room_stale = True  # paused, resumed, overdue: no hook says so
         if self.queue:
             self.release_pass("kaas-release-periodic")
 
@@ -366,7 +389,8 @@ class Dispatcher:
 
     def snapshot(self) -> dict[str, Any]:
         state = self.queue.snapshot()
-        state.update({"in_flight": dict(self.in_flight), "prefetch": self.prefetch,
+        state.update({"in_flight": dict(self.in_flight), "room": dict(self.room),
+                      "prefetch": self.prefetch,
                       "releases": self.releases, "failed_releases": self.failed_releases,
                       "waits_for_holder": self.waits_for_holder})
         return state
