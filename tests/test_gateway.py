@@ -486,6 +486,12 @@ def test_metrics_count_what_happened(gw):
     hist = ("dask_kaas_gateway_latency_seconds_count",
             (("model", "layer"), ("tenant", "alice")))
     assert after[hist] - before.get(hist, 0) == 3
+    # a deleted model's series go with it (new names cannot grow the metrics)
+    register(gw, "alice", "temp", layer_graph(), {"w": W, "b": B})
+    infer(c, "alice", "temp", np.ones((8, 16), np.float32), True)
+    assert any(dict(labels).get("model") == "temp" for _, labels in gw.metrics(OPS))
+    assert gw.request("DELETE", "/v1/models/temp", token=TOKENS["alice"])[0] == 204
+    assert not any(dict(labels).get("model") == "temp" for _, labels in gw.metrics(OPS))
 
 
 # -- slow requests: 429, 504, disconnect ---------------------------------------------------

@@ -102,6 +102,8 @@ class Gateway:
         self.tenants = book
         self.weights.clear()
         gone = self.registry.retain_tenants(book.tenants)
+        for tenant in gone:
+            self.metrics.forget_tenant(tenant)
         logger.info("tenants file reloaded: %d tenant(s), %d operator(s)%s",
                     len(book.tenants), len(book.operators),
                     f"; models of removed tenants {gone} dropped" if gone else "")

@@ -91,7 +91,7 @@ class BaseHandler(RequestHandler):
 
     def on_finish(self) -> None:
         tenant = self.principal.name if self.principal else "-"
-        self.gw.metrics.observe(tenant, self.model_label, self.get_status(), None)
+        self.gw.metrics.observe(tenant, self.model_label, self.get_status())
 
     def reply(self, doc: Any, status: int = 200) -> None:
         self.set_status(status)

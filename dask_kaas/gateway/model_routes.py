@@ -46,7 +46,7 @@ class ModelHandler(BodyHandler):
     def delete(self, name: str) -> None:
         assert self.principal is not None
         self.gw.registry.delete(self.principal.name, name)
-        self.model_label = name
+        self.gw.metrics.forget_model(self.principal.name, name)
         self.set_status(204)
         self.finish()
 
@@ -137,8 +137,7 @@ class InferHandler(BodyHandler):
         if header_length is not None:
             self.set_header(HEADER_LENGTH, str(header_length))
             self.set_header("Content-Type", "application/octet-stream")
-        self.gw.metrics.latency.labels(self.principal.name, name).observe(
-            time.perf_counter() - start)
+        self.gw.metrics.observe_latency(self.principal.name, name, time.perf_counter() - start)
         self.finish(payload)
 
     async def _infer(self, model: Any, request: Any) -> dict[str, Any]:
