@@ -55,9 +55,12 @@ def test_light_tenant_is_not_starved_by_a_flood(mt_client):
     time.sleep(0.05)
     light = c.map_kernel_graph(g, [{"x": rng.random(64, np.float32), "w": w}
                                    for _ in range(8)], tenant="light")
+    # Heavy requests done before light's arrived (many, on a loaded machine)
+    # say nothing about fairness: count from light's arrival on.
+    done_before = sum(f.done() for f in heavy)
     order = [f.key for f in as_completed(heavy + light)]
-    positions = sorted(order.index(f.key) + 1 for f in light)
-    assert positions[-1] <= 60, positions  # FIFO would put them at ~161-168
+    positions = sorted(order.index(f.key) + 1 - done_before for f in light)
+    assert positions[-1] <= 40, (done_before, positions)  # FIFO: ~161-168 - done_before
     stats = c.kaas_stats()["tenants"]
     assert stats["light"]["graphs_run"] == 8 and stats["heavy"]["graphs_run"] >= 160
     assert stats["light"]["p99_ms"] < stats["heavy"]["p99_ms"]
@@ -71,20 +74,22 @@ def test_weighted_tenants_share_two_to_one(mt_client):
     c.submit_kernel_graph(g, {"x": np.ones(64, np.float32), "w": w}).result()
     c.kaas_set_weight("gold", 2.0)
     try:
-        reqs = [{"x": np.ones(64, np.float32), "w": w} for _ in range(120)]
+        reqs = [{"x": np.ones(64, np.float32), "w": w} for _ in range(240)]
         gold = c.map_kernel_graph(g, reqs, tenant="gold")
-        silver = c.map_kernel_graph(g, reqs, tenant="silver", weight=1.0)
+        silver = c.map_kernel_graph(g, reqs[:120], tenant="silver", weight=1.0)
         owner = {f.key: "gold" for f in gold} | {f.key: "silver" for f in silver}
-        first = []
-        for f in as_completed(gold + silver):
-            first.append(owner[f.key])
-            if len(first) == 120:
-                break
-        wait(gold + silver)
+        order = [owner[f.key] for f in as_completed(gold + silver)]
     finally:
         c.kaas_set_weight("gold", 1.0)
-    ratio = first.count("gold") / first.count("silver")
-    assert 2 * 0.85 <= ratio <= 2 * 1.15, (first.count("gold"), first.count("silver"))
+    # The shares apply while both tenants are backlogged: from the first
+    # silver completion (gold got a head start while silver's batch was being
+    # sent) over the next 90 completions, while both still have work queued.
+    start = order.index("silver")
+    window = order[start:start + 90]
+    assert order[:start + 90].count("gold") < len(gold), "gold ran out: no overlap to measure"
+    assert order[:start + 90].count("silver") < len(silver)
+    ratio = window.count("gold") / max(window.count("silver"), 1)
+    assert 2 * 0.85 <= ratio <= 2 * 1.15, (start, window.count("gold"), window.count("silver"))
 
 
 @pytest.mark.parametrize("policy", ["round_robin", "static", "balance", "dask"])
