@@ -8,7 +8,6 @@ works against any Dask cluster whose workers advertise the GPU resource.
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 import uuid
@@ -22,6 +21,7 @@ from dask.base import tokenize
 from distributed import Client, Future, default_client
 
 from . import checks, config
+from .consts import ConstRegistry, const_key
 from .device.handles import DeviceArray
 from .graph.buffers import BufferKind
 from .graph.errors import (
@@ -34,6 +34,7 @@ from .limits import check_n_iter, request_timeout
 from .plugin.scheduler import KaasSchedulerPlugin
 from .plugin.tasks import run_kernel_graph, select_output
 from .request import ANNOTATION, SELECT_ROLE, GraphRequest, InputRef
+from .resend import Recipe, Resender
 
 #: How long cluster facts (worker capacities) are trusted before asking again.
 INFO_TTL_S = 2.0
@@ -92,7 +93,8 @@ class _ClientState:
         self.info: dict[str, Any] = {}
         self.info_at = 0.0
         self.lock = threading.Lock()
-        self.consts: dict[str, Future] = {}
+        self.consts = ConstRegistry(client, self.candidates)
+        self.resender = Resender(client, self.consts, _submit_requests)
         self.tokens: dict[int, tuple[weakref.ref, str]] = {}
 
     def ensure(self) -> None:
@@ -129,6 +131,11 @@ class _ClientState:
             self.refresh()
         return self.info
 
+    def candidates(self, refresh: bool = False) -> list[str]:
+        """Addresses of the workers that run graphs (asked again if ``refresh``)."""
+        info = self.refresh() if refresh else self.current_info()
+        return list(info["candidates"])
+
     def max_capacity(self, need: int) -> int | None:
         caps = [w["capacity_bytes"] for w in self.current_info()["workers"].values()
                 if w.get("capacity_bytes")]
@@ -153,18 +160,22 @@ class _ClientState:
 
     def const_future(self, arr: np.ndarray) -> Future:
         """The cluster copy of a const array, scattered once and found again by
-        content, replicated on two workers so losing one does not lose it."""
-        tok = self.token(arr)
-        fut = self.consts.get(tok)
-        if fut is not None and fut.status not in ("lost", "error", "cancelled"):
-            return fut
-        workers = list(self.current_info()["candidates"])
-        chosen = random.sample(workers, min(2, len(workers))) if workers else None
-        key = f"kaas-const-{tok}"
-        fut = self.client.scatter({key: np.asarray(arr, order="C")}, workers=chosen,
-                                  broadcast=bool(chosen), hash=False)[key]
-        self.consts[tok] = fut
-        return fut
+        content, replicated on two workers so losing one does not lose it
+        (and sent again by this client if both go: see dask_kaas.consts)."""
+        return self.consts.future(self.token(arr), arr)
+
+    def track(self, futures: list[KernelGraphFuture], graph: KernelGraph,
+              requests: list[GraphRequest], columns: list[list[Any]], keep: list[str],
+              priority: int, resource: str) -> None:
+        """Remember what each request needs to be sent again while its future lives."""
+        prefix = const_key("")
+        for i, (fut, request) in enumerate(zip(futures, requests)):
+            consts = {pos: ref.dask_key[len(prefix):] for pos, ref in enumerate(request.inputs)
+                      if ref.const and (ref.dask_key or "").startswith(prefix)}
+            values = [None if pos in consts else col[i] for pos, col in enumerate(columns)]
+            self.consts.hold(fut, consts.values())
+            self.resender.track(fut, Recipe(graph, request, values, consts, keep, priority,
+                                            resource))
 
 
 def _state(client: Client) -> _ClientState:
@@ -233,9 +244,20 @@ def map_kernel_graph(graph: KernelGraph, inputs: Iterable[Mapping[str, Any]],
     if not requests:
         return []
     resource = state.info.get("resource", config.get("resource", "GPU"))
+    futs = _submit_requests(client, graph, requests, columns, keep, priority, resource)
+    state.track(futs, graph, requests, columns, keep, priority, resource)
+    return futs
+
+
+def _submit_requests(client: Client, graph: KernelGraph, requests: list[GraphRequest],
+                     columns: list[list[Any]], keep: list[str], priority: int,
+                     resource: str) -> list[KernelGraphFuture]:
+    """Send validated requests (``columns``: the values of each input) as one batch."""
     keys = [r.key for r in requests]
     with dask.annotate(**{ANNOTATION: RequestTable(requests)}):
-        if len(requests) == 1:  # client.map's batching costs more for one task
+        # client.map's batching costs more for one task (but submit would not
+        # send again a key this client already has a future of).
+        if len(requests) == 1 and keys[0] not in client.futures:
             futs = [client.submit(run_kernel_graph, graph, requests[0],
                                   *(col[0] for col in columns), key=keys[0],
                                   resources={resource: 1}, pure=False, priority=priority)]
@@ -245,7 +267,7 @@ def map_kernel_graph(graph: KernelGraph, inputs: Iterable[Mapping[str, Any]],
                               priority=priority)
     kept: list[dict[str, DeviceArrayFuture]] = [{} for _ in requests]
     if keep:
-        selects = [GraphRequest(key=r.key, graph=graph.name, tenant=tenant, inputs=[],
+        selects = [GraphRequest(key=r.key, graph=graph.name, tenant=r.tenant, inputs=[],
                                 role=SELECT_ROLE) for r in requests]
         table = RequestTable(selects, keys=[r.keep[name] for r in requests for name in keep])
         with dask.annotate(**{ANNOTATION: table}):

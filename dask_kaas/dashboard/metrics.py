@@ -5,12 +5,20 @@ KaaS scheduler plugin lives in the process, and removed with the last one.
 Like distributed's own collectors it reports on the scheduler whose
 ``/metrics`` is being served, so several schedulers in one process (tests,
 notebooks) do not clash.
+
+Tenant names come from clients, so the per-tenant series are bounded: the
+``kaas.metrics-max-tenants`` tenants with the most requests are reported by
+name and the rest summed under ``other``; a name is cut to
+``kaas.metrics-label-length`` characters (plus a hash, so long names that share
+a prefix stay apart) and made valid UTF-8.
 """
 
 from __future__ import annotations
 
+import hashlib
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import (
@@ -19,6 +27,9 @@ from prometheus_client.core import (
     GaugeMetricFamily,
     HistogramMetricFamily,
 )
+
+from .. import config
+from ..plugin.stats import LATENCY_BUCKETS, TenantStats
 
 if TYPE_CHECKING:
     from ..plugin.scheduler import KaasSchedulerPlugin
@@ -41,6 +52,63 @@ def _served_plugin() -> KaasSchedulerPlugin | None:
         return plugin
     live = list(_plugins)
     return live[-1] if live else None
+
+
+#: Label of the tenants summed together beyond the cap.
+OTHER = "other"
+
+
+def label_value(name: Any, length: int) -> str:
+    """A bounded, UTF-8-safe Prometheus label value for a tenant name."""
+    text = name if isinstance(name, str) else repr(name)
+    raw = text.encode("utf-8", "surrogatepass")
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(text) <= length:
+        return text
+    digest = hashlib.blake2b(raw, digest_size=4).hexdigest()
+    return text[:max(length - len(digest) - 1, 1)] + "~" + digest
+
+
+@dataclass
+class TenantSeries:
+    """One tenant's (or the summed rest's) figures as /metrics reports them."""
+
+    graphs_run: float = 0.0
+    errors: float = 0.0
+    bytes_to_device: float = 0.0
+    bucket_counts: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
+    latency_sum: float = 0.0
+
+    def add(self, t: TenantStats) -> None:
+        self.graphs_run += t.graphs_run
+        self.errors += t.errors
+        self.bytes_to_device += t.bytes_to_device
+        self.bucket_counts = [a + b for a, b in zip(self.bucket_counts, t.bucket_counts)]
+        self.latency_sum += t.latency_sum
+
+    def histogram(self) -> list[tuple[str, float]]:
+        out, running = [], 0
+        for bound, n in zip(LATENCY_BUCKETS, self.bucket_counts):
+            running += n
+            out.append((repr(bound), float(running)))
+        out.append(("+Inf", float(self.graphs_run)))
+        return out
+
+
+def tenant_series(tenants: Mapping[Any, TenantStats], limit: int, length: int
+                  ) -> dict[str, TenantSeries]:
+    """The busiest ``limit`` tenants by label, the rest under :data:`OTHER`."""
+    ranked = sorted(tenants.items(), key=lambda kv: (-kv[1].submitted, label_value(kv[0], 10**6)))
+    out: dict[str, TenantSeries] = {}
+    named = 0
+    for name, t in ranked:
+        label = label_value(name, length)
+        if label != OTHER and named < limit:
+            named += 1
+        else:  # (a tenant really called "other" is summed with the rest)
+            label = OTHER
+        out.setdefault(label, TenantSeries()).add(t)
+    return out
 
 
 class KaasCollector:
@@ -82,12 +150,13 @@ class KaasCollector:
         hist = HistogramMetricFamily("dask_kaas_request_latency_seconds",
                                      "Submission to completion, per tenant",
                                      labels=["tenant"])
-        for name, t in plugin.tenants.items():
-            reqs.add_metric([name], float(t.graphs_run))
-            errs.add_metric([name], float(t.errors))
-            tbytes.add_metric([name], float(t.bytes_to_device))
-            buckets, total = t.histogram()
-            hist.add_metric([name], buckets=buckets, sum_value=total)
+        series = tenant_series(plugin.tenants, int(config.get("metrics-max-tenants", 100)),
+                               int(config.get("metrics-label-length", 64)))
+        for label, t in series.items():
+            reqs.add_metric([label], t.graphs_run)
+            errs.add_metric([label], t.errors)
+            tbytes.add_metric([label], t.bytes_to_device)
+            hist.add_metric([label], buckets=t.histogram(), sum_value=t.latency_sum)
         yield reqs
         yield errs
         yield tbytes

@@ -80,6 +80,21 @@ class BufferDirectory:
                 self._extra_total[worker] -= counted
         self._sizes.pop(buffer_id, None)
 
+    def prune(self) -> int:
+        """Forget the sizes of buffers no worker holds or plans (a size is
+        kept per buffer id ever seen otherwise).  Returns how many went."""
+        stale = [b for b in self._sizes if b not in self._holders]
+        for b in stale:
+            del self._sizes[b]
+        return len(stale)
+
+    def known_sizes(self) -> int:
+        return len(self._sizes)
+
+    def planned_count(self) -> int:
+        """Plans outstanding on every worker (0 once no request is booked)."""
+        return sum(sum(held.values()) for held in self._planned.values())
+
     # -- plans -------------------------------------------------------------
     def plan(self, worker: str, buffer_id: str, nbytes: int) -> None:
         held = self._planned[worker]

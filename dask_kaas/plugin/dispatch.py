@@ -149,6 +149,10 @@ class DispatchQueue:
     def running(self) -> int:
         return len(self._running)
 
+    def running_tenants(self) -> set[str]:
+        """Tenants with released requests not finished yet."""
+        return {tenant for tenant, _ in self._running.values()}
+
     def charge(self, tenant: str, seconds: float) -> None:
         """Charge device time not tied to a released key."""
         self._charge(tenant, seconds)

@@ -78,7 +78,9 @@ class HandlersMixin(_Base):
     def handle_set_weight(self, comm: Any = None, tenant: Any = None,
                           weight: Any = None) -> None:
         """A tenant's fair-share weight (another tenant's: operators only)."""
-        self.dispatch.queue.set_weight(*access.weight_args(comm, tenant, weight))
+        tenant, weight = access.weight_args(comm, tenant, weight)
+        self.dispatch.queue.set_weight(tenant, weight)
+        self.book.pinned.add(tenant)  # kept while the tenant is idle
         self.dispatch.wake()
 
     def handle_set_policy(self, comm: Any = None, policy: Any = None) -> str:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import abc
 import itertools
+import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -80,6 +81,8 @@ class CostModel:
     #: (graph, worker) -> run time there: devices differ in speed, and late
     #: binding needs to know which worker frees a slot first.
     worker_runtimes: dict[tuple[str, str], Ewma] = field(default_factory=dict)
+    #: graph name -> monotonic time it was last asked about or measured.
+    last_used: dict[str, float] = field(default_factory=dict)
     h2d: Ewma = field(init=False)
     #: Time to fetch one dependency from another worker (Dask's transfer).
     fetch_latency: Ewma = field(init=False)
@@ -101,7 +104,23 @@ class CostModel:
             if e is not None:
                 return e.value
         e = self.runtimes.get(graph)
-        return e.value if e is not None else self.default_runtime_s
+        if e is None:
+            return self.default_runtime_s
+        self.last_used[graph] = time.monotonic()
+        return e.value
+
+    def expire(self, older_than: float) -> int:
+        """Forget the run times of graphs not used since ``older_than``
+        (monotonic): graph names are client-chosen, so the tables would
+        otherwise grow with every name ever sent.  Returns how many went."""
+        stale = {g for g, t in self.last_used.items() if t < older_than}
+        for g in stale:
+            del self.last_used[g]
+            self.runtimes.pop(g, None)
+        if stale:
+            for key in [k for k in self.worker_runtimes if k[0] in stale]:
+                del self.worker_runtimes[key]
+        return len(stale)
 
     def slot_time_s(self, graph: str, worker: str | None = None) -> float:
         """How long a request of ``graph`` occupies a worker slot."""
@@ -122,6 +141,7 @@ class CostModel:
         graph = report.get("graph")
         if graph is not None and busy > 0:
             self.runtimes.setdefault(graph, Ewma(busy)).add(busy)
+            self.last_used[graph] = time.monotonic()
             if worker is not None:
                 self.worker_runtimes.setdefault((graph, worker), Ewma(busy)).add(busy)
         nbytes = int(report.get("bytes_to_device", 0))

@@ -13,16 +13,16 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from dask.utils import parse_timedelta
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
 from tornado.ioloop import PeriodicCallback
 
 from .. import config, dashboard
 from ..graph.errors import KaasError
-from ..request import ANNOTATION, SELECT_ROLE, GraphRequest
+from ..request import ANNOTATION, SELECT_ROLE
 from . import access, amm
 from .directory import BufferDirectory
 from .dispatcher import Dispatcher
@@ -33,6 +33,7 @@ from .placement import (
     WorkerView,
     make_policy,
 )
+from .requests import RequestBook, RequestRecord
 from .restart import RestartGuard
 from .stats import TenantStats
 from .worker import PLUGIN_NAME, UPDATE_OP, KaasWorkerPlugin
@@ -45,18 +46,6 @@ logger = logging.getLogger(__name__)
 
 #: Graph runs kept for the dashboard's timeline.
 TIMELINE = 5000
-
-
-@dataclass
-class RequestRecord:
-    request: GraphRequest
-    submitted: float
-    worker: str | None = None
-    estimate_s: float = 0.0
-    planned: list[str] = field(default_factory=list)
-    expected_finish: float = 0.0
-    report: dict[str, Any] | None = None
-    done: bool = False
 
 
 class KaasSchedulerPlugin(HandlersMixin, SchedulerPlugin):
@@ -72,21 +61,24 @@ class KaasSchedulerPlugin(HandlersMixin, SchedulerPlugin):
         self.scheduler: Scheduler | None = None
         self.restarts: RestartGuard | None = None
         self._periodic: PeriodicCallback | None = None
+        self._expiry: PeriodicCallback | None = None
         self._init_state()
 
     def _init_state(self) -> None:
         self.directory = BufferDirectory()
         self.costs = CostModel()
         self.dispatch = Dispatcher(self)
-        self.requests: dict[str, RequestRecord] = {}
-        self.selects: dict[str, str] = {}  # kept-output key -> graph key
-        self.queues: dict[str, dict[str, float]] = {}  # worker -> request key -> estimate
+        self.book = RequestBook(self.directory, self.costs, self.dispatch.queue)
+        # The book's tables, under the names placement reads them by.
+        self.requests = self.book.requests
+        self.selects = self.book.selects
+        self.queues = self.book.queues  # worker -> request key -> estimate
         self.worker_stats: dict[str, dict[str, Any]] = {}
         #: worker -> (end of its last graph, on its clock; was another waiting)
         self.last_completion: dict[str, tuple[float, bool]] = {}
         #: worker -> when the work placed on it is expected to be done
-        self.free_at: dict[str, float] = {}
-        self.tenants: dict[str, TenantStats] = {}
+        self.free_at = self.book.free_at
+        self.tenants = self.book.tenants
         self.timeline: deque[dict[str, Any]] = deque(maxlen=TIMELINE)
         #: Recent placement decisions with every candidate's expected
         #: completion time, for "why did it go there?".
@@ -113,14 +105,18 @@ class KaasSchedulerPlugin(HandlersMixin, SchedulerPlugin):
         self._periodic = PeriodicCallback(self.dispatch.periodic,
                                           self.dispatch.interval_s * 1000)
         self._periodic.start()
+        interval = parse_timedelta(config.get("expiry-interval", "10s"))
+        self._expiry = PeriodicCallback(self.expire, interval * 1000)
+        self._expiry.start()
 
     async def close(self) -> None:
         dashboard.uninstall(self)
         if self.restarts is not None:
             self.restarts.close()
-        if self._periodic is not None:
-            self._periodic.stop()
-            self._periodic = None
+        for periodic in (self._periodic, self._expiry):
+            if periodic is not None:
+                periodic.stop()
+        self._periodic = self._expiry = None
         if self.scheduler is not None:
             amm.uninstall(self.scheduler)
             for h in self._handlers():
@@ -194,9 +190,7 @@ class KaasSchedulerPlugin(HandlersMixin, SchedulerPlugin):
                 continue
             if key in self.requests:
                 continue
-            rec = RequestRecord(request, now)
-            self.requests[key] = rec
-            self.tenant(request.tenant).submitted += 1
+            self.book.admit(key, request, now)
             if request.weight is not None:
                 try:
                     self.dispatch.queue.set_weight(request.tenant, request.weight)
@@ -211,16 +205,13 @@ class KaasSchedulerPlugin(HandlersMixin, SchedulerPlugin):
     def _assign(self, ts: TaskState, rec: RequestRecord, view: WorkerView,
                 ctx: PlacementContext, now: float) -> None:
         """Pin a graph task to a worker and book its expected work there."""
-        self._unbook(rec)
         worker = view.address
-        rec.worker = worker
         rec.estimate_s = self.costs.slot_time_s(rec.request.graph, worker)
         start_in = max(view.wait_s, ctx.ready_in_s(rec.request))
         rec.expected_finish = now + start_in + rec.estimate_s
         # With several slots, a busy worker frees one every estimate/slots.
         booked = now + start_in + rec.estimate_s / max(view.slots, 1)
-        self.free_at[worker] = booked
-        self.queues.setdefault(worker, {})[ts.key] = rec.estimate_s
+        self.book.book(ts.key, rec, worker, booked)
         ts.worker_restrictions = {worker}
         ts.loose_restrictions = False
         for i in rec.request.inputs:
@@ -236,15 +227,7 @@ class KaasSchedulerPlugin(HandlersMixin, SchedulerPlugin):
         view.used_bytes = max(view.used_bytes, self.directory.expected_bytes(worker))
 
     def _unbook(self, rec: RequestRecord) -> None:
-        if rec.worker is None:
-            return
-        queue = self.queues.get(rec.worker, {})
-        queue.pop(rec.request.key, None)
-        if not queue:
-            self.free_at.pop(rec.worker, None)
-        for bid in rec.planned:
-            self.directory.unplan(rec.worker, bid)
-        rec.planned = []
+        self.book.unbook(rec)
 
     def _pin_select(self, ts: TaskState, graph_key: str) -> None:
         self.selects[ts.key] = graph_key
@@ -260,22 +243,11 @@ class KaasSchedulerPlugin(HandlersMixin, SchedulerPlugin):
             if ss.get("action") == "transfer":
                 self._observe_transfer(key, ss)
         rec = self.requests.get(key)
+        self.book.transition(key, start, finish)
         if rec is not None:
-            if finish in ("memory", "erred") and start == "processing":
-                self._finish(rec, ok=finish == "memory")
-            elif finish == "forgotten":
-                self._unbook(rec)
-                del self.requests[key]
-            elif start == "processing":
-                # Released: its worker left or the client cancelled it.
-                self._unbook(rec)
             request = rec.request
             self.dispatch.transition(key, start, finish, request.tenant, request.priority,
                                      lambda: (rec.report or {}).get("total_s"))
-            return
-        if key in self.selects and finish == "forgotten":
-            del self.selects[key]
-            self.directory.forget_buffer(key)
 
     def _observe_transfer(self, key: Any, ss: dict[str, Any]) -> None:
         s = self.scheduler
@@ -299,28 +271,16 @@ class KaasSchedulerPlugin(HandlersMixin, SchedulerPlugin):
         waiting = len(self.queues.get(worker, {})) > 1
         self.last_completion[worker] = (start + report.get("total_s", 0.0), waiting)
 
-    def _finish(self, rec: RequestRecord, ok: bool) -> None:
-        now = time.monotonic()
-        self._unbook(rec)
-        rec.done = True
-        t = self.tenant(rec.request.tenant)
-        if not ok:
-            t.errors += 1
-            return
-        latency = now - rec.submitted
-        t.graphs_run += 1
-        t.record_latency(latency)
-        t.completions.append(time.time())
-        busy = (rec.report or {}).get("total_s")
-        if busy is not None:
-            t.queue_waits.append(max(0.0, latency - busy))
-
     def tenant(self, name: str) -> TenantStats:
-        name = access.safe_tenant(name)
-        t = self.tenants.get(name)
-        if t is None:
-            t = self.tenants[name] = TenantStats()
-        return t
+        return self.book.tenant(access.safe_tenant(name))
+
+    def expire(self, now: float | None = None) -> dict[str, int]:
+        """Drop what idle tenants and unused graphs left behind (runs every
+        ``kaas.expiry-interval``; ``now`` is monotonic time, for tests)."""
+        return self.book.expire(
+            time.monotonic() if now is None else now,
+            parse_timedelta(config.get("tenant-idle-expiry", "10 minutes")),
+            parse_timedelta(config.get("graph-cost-expiry", "1 hour")))
 
     # -- workers -----------------------------------------------------------
     def handle_worker_update(self, worker: str, events: list,
@@ -368,7 +328,7 @@ class KaasSchedulerPlugin(HandlersMixin, SchedulerPlugin):
         self.worker_stats.pop(worker, None)
         if self.restarts is not None:
             self.restarts.forget(worker)
-        self.queues.pop(worker, None)
-        self.free_at.pop(worker, None)
+        self.last_completion.pop(worker, None)
+        self.book.forget_worker(worker)
         self.costs.forget_worker(worker)
         self.dispatch.worker_removed(worker)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections import deque
+from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,26 +15,73 @@ WINDOW = 20_000
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
-def percentile_ms(samples: deque[float], q: float) -> float | None:
-    if not samples:
+class Window:
+    """The last ``size`` samples, as packed doubles.
+
+    A ``deque`` of floats costs ~32 bytes a sample and a preallocated array
+    costs the whole window up front; with a thousand tenants both add up to
+    gigabytes.  This grows with use (8 bytes a sample) and then wraps.
+    """
+
+    __slots__ = ("size", "_data", "_next")
+
+    def __init__(self, size: int = WINDOW) -> None:
+        self.size = size
+        self._data = array("d")
+        self._next = 0
+
+    def append(self, x: float) -> None:
+        if len(self._data) < self.size:
+            self._data.append(x)
+        else:
+            self._data[self._next] = x
+            self._next = (self._next + 1) % self.size
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __iter__(self) -> Iterator[float]:
+        return iter(self._data)
+
+    def values(self) -> np.ndarray:
+        return np.frombuffer(self._data, dtype=np.float64) if self._data else np.empty(0)
+
+
+def percentile_ms(samples: Window, q: float) -> float | None:
+    if not len(samples):
         return None
-    return float(np.percentile(np.fromiter(samples, float), q) * 1000.0)
+    return float(np.percentile(samples.values(), q) * 1000.0)
 
 
 @dataclass
 class TenantStats:
+    """Counters of one tenant's requests.
+
+    Every admitted request ends exactly once as run, error or cancelled, so
+    ``in_flight`` (submitted minus those) is exact; a request that Dask runs
+    again after a worker lost its result counts under ``recomputed`` only.
+    """
+
     submitted: int = 0
     graphs_run: int = 0
     errors: int = 0
+    cancelled: int = 0
+    recomputed: int = 0
     bytes_to_device: int = 0
     hits: int = 0
     misses: int = 0
-    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
-    queue_waits: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
-    #: (completion time, 1) samples for a requests-per-second rate.
-    completions: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    latencies: Window = field(default_factory=Window)
+    queue_waits: Window = field(default_factory=Window)
+    #: Completion times (wall clock) for a requests-per-second rate.
+    completions: Window = field(default_factory=Window)
     bucket_counts: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
     latency_sum: float = 0.0
+    #: Monotonic time of the tenant's last submission or completion (expiry).
+    last_active: float = 0.0
+
+    @property
+    def in_flight(self) -> int:
+        return self.submitted - self.graphs_run - self.errors - self.cancelled
 
     def record_latency(self, seconds: float) -> None:
         self.latencies.append(seconds)
@@ -43,22 +91,15 @@ class TenantStats:
                 self.bucket_counts[i] += 1
                 break
 
-    def histogram(self) -> tuple[list[tuple[str, float]], float]:
-        """Cumulative (le, count) buckets over every request, and their sum."""
-        out, running = [], 0
-        for bound, n in zip(LATENCY_BUCKETS, self.bucket_counts):
-            running += n
-            out.append((repr(bound), float(running)))
-        out.append(("+Inf", float(self.graphs_run)))
-        return out, self.latency_sum
-
     def to_dict(self, now: float, rate_window_s: float = 10.0) -> dict[str, Any]:
         recent = sum(1 for t in self.completions if now - t <= rate_window_s)
         return {
             "submitted": self.submitted,
             "graphs_run": self.graphs_run,
             "errors": self.errors,
-            "in_flight": self.submitted - self.graphs_run - self.errors,
+            "cancelled": self.cancelled,
+            "recomputed": self.recomputed,
+            "in_flight": self.in_flight,
             "bytes_to_device": self.bytes_to_device,
             "hits": self.hits,
             "misses": self.misses,

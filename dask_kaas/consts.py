@@ -1,0 +1,234 @@
+"""ConstRegistry: the const arrays one client has on its cluster.
+
+A const is scattered once and found again by content (its Dask key is
+``kaas-const-<token>``, which is also its device-cache identity).  Two things
+bound what the client keeps:
+
+* an entry is *in use* while a live request future of this client needs it:
+  then the registry holds the cluster copy and the array itself, so that a
+  const whose every replica died with its workers can be sent again (see
+  :class:`Resender`) — no request is lost while its client lives;
+* otherwise it is a cache for the next submission, kept only while the
+  program still holds the array (it will likely send it again), within
+  ``kaas.client-const-cache`` bytes, least recently used first out.  An array
+  the program dropped releases its cluster copy at once.
+
+Weak-reference callbacks and finalizers run on whatever thread the garbage
+collector happens to run, including the client's event loop, so they never
+wait for the registry lock: they mark it dirty and whoever holds it sweeps.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from dask.utils import parse_bytes
+from distributed import Client, Future
+
+from . import config
+from .graph.errors import KaasError
+
+#: Future states after which a const must be scattered again.
+GONE = ("lost", "error", "cancelled")
+#: A const scattered for a submission counts as in use this long even before
+#: the submission's futures exist (so a temporary array is not released
+#: between scatter and submit).
+FRESH_S = 60.0
+
+
+def const_key(token: str) -> str:
+    return f"kaas-const-{token}"
+
+
+def cache_budget() -> int:
+    """``kaas.client-const-cache`` in bytes."""
+    value = config.get("client-const-cache", "256MB")
+    try:
+        if isinstance(value, bool):
+            raise TypeError(value)
+        nbytes = int(parse_bytes(value)) if isinstance(value, str) else int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise KaasError(f"kaas.client-const-cache must be a size such as '256MB' or a "
+                        f"number of bytes, got {value!r}") from None
+    if nbytes < 0:
+        raise KaasError(f"kaas.client-const-cache must not be negative, got {value!r}")
+    return nbytes
+
+
+@dataclass(eq=False)
+class ConstEntry:
+    token: str
+    nbytes: int
+    future: Future | None = None
+    #: Held while in use (to send again); None otherwise.
+    array: np.ndarray | None = None
+    #: The program's array (weak): alive means it may be sent again.
+    source: weakref.ref | None = None
+    users: int = 0
+    fresh_at: float = 0.0
+    last_used: float = 0.0
+
+    def in_use(self, now: float) -> bool:
+        return self.users > 0 or now - self.fresh_at < FRESH_S
+
+
+class ConstRegistry:
+    def __init__(self, client: Client, candidates: Callable[[bool], list[str]]) -> None:
+        self.client = client
+        #: (refresh) -> addresses of the workers that run graphs
+        self.candidates = candidates
+        self.entries: OrderedDict[str, ConstEntry] = OrderedDict()
+        self.lock = threading.RLock()
+        self._dirty = False
+        self._sweeping = False
+        #: Tokens whose user died while the lock was taken (see sweep).
+        self._pending_release: list[str] = []
+
+    # -- lookups ---------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
+
+    def future(self, token: str, arr: np.ndarray) -> Future:
+        """The cluster copy of ``arr`` (content ``token``), scattered if needed."""
+        now = time.monotonic()
+        with self.lock:
+            e = self.entries.get(token)
+            if e is None:
+                e = self.entries[token] = ConstEntry(token, int(arr.nbytes))
+            try:  # the latest array with this content decides whether it is kept
+                e.source = weakref.ref(arr, self._source_died)
+            except TypeError:
+                e.source = None
+            e.fresh_at = e.last_used = now
+            e.array = np.asarray(arr, order="C")
+            self.entries.move_to_end(token)
+            fut = e.future
+        if fut is None or fut.status in GONE:
+            fut = self._scatter(token, np.asarray(arr, order="C"))
+            with self.lock:
+                e.future = fut
+        self.sweep()
+        return fut
+
+    def has_array(self, token: str) -> bool:
+        """Whether this client can send the const again."""
+        with self.lock:
+            e = self.entries.get(token)
+            return e is not None and e.array is not None
+
+    def resend(self, token: str) -> Future | None:
+        """The const again, scattered anew if the cluster lost every copy;
+        None if this client no longer has the array."""
+        with self.lock:
+            e = self.entries.get(token)
+            if e is None or e.array is None:
+                return None
+            fut, arr = e.future, e.array
+        if fut is not None and fut.status not in GONE:
+            return fut
+        fut = self._scatter(token, arr)
+        with self.lock:
+            e.future = fut
+        return fut
+
+    def _scatter(self, token: str, arr: np.ndarray) -> Future:
+        """Scatter to two graph workers (losing one then loses no const).  The
+        worker list may be a moment stale after a worker died: ask again, and
+        fall back to letting Dask choose, rather than fail the submission."""
+        key = const_key(token)
+        for refresh in (False, True):
+            workers = list(self.candidates(refresh))
+            chosen = random.sample(workers, min(2, len(workers))) if workers else None
+            try:
+                return self.client.scatter({key: arr}, workers=chosen, broadcast=bool(chosen),
+                                           hash=False)[key]
+            except (KeyError, ValueError, OSError):
+                continue
+        return self.client.scatter({key: arr}, hash=False)[key]
+
+    # -- use by requests -------------------------------------------------------
+    def hold(self, owner: Any, tokens: Iterable[str]) -> None:
+        """``owner`` (a request future) needs these consts while it lives."""
+        tokens = list(tokens)
+        if not tokens:
+            return
+        with self.lock:
+            for tok in tokens:
+                e = self.entries.get(tok)
+                if e is not None:
+                    e.users += 1
+                    e.fresh_at = 0.0
+        weakref.finalize(owner, self._release, tokens)
+        if self._dirty:
+            self.sweep()
+
+    def _release(self, tokens: list[str]) -> None:
+        if not self.lock.acquire(blocking=False):
+            self._pending_release.extend(tokens)
+            self._dirty = True
+            return
+        try:
+            self._drop_users(tokens)
+        finally:
+            self.lock.release()
+        self.sweep(blocking=False)
+
+    def _drop_users(self, tokens: Iterable[str]) -> None:
+        for tok in tokens:
+            e = self.entries.get(tok)
+            if e is not None:
+                e.users = max(0, e.users - 1)
+
+    def _source_died(self, _: Any) -> None:
+        self._dirty = True
+        self.sweep(blocking=False)
+
+    # -- bounds ----------------------------------------------------------------
+    def sweep(self, blocking: bool = True) -> None:
+        """Release what nothing needs, then evict idle entries over budget."""
+        if not self.lock.acquire(blocking=blocking):
+            self._dirty = True
+            return
+        try:
+            if self._sweeping:  # a finalizer run by the collector mid-sweep
+                self._dirty = True
+                return
+            self._sweeping = True
+            self._dirty = True
+            while self._dirty:
+                self._dirty = False
+                released = self._sweep_once()
+                del released  # dropping futures may run finalizers: they set _dirty
+        finally:
+            self._sweeping = False
+            self.lock.release()
+
+    def _sweep_once(self) -> list[ConstEntry]:
+        pending, self._pending_release = self._pending_release, []
+        self._drop_users(pending)
+        now = time.monotonic()
+        released = []
+        for tok, e in list(self.entries.items()):
+            if e.in_use(now):
+                continue
+            e.array = None
+            if e.source is None or e.source() is None:
+                released.append(self.entries.pop(tok))
+        budget = cache_budget()
+        idle = sum(e.nbytes for e in self.entries.values() if not e.in_use(now))
+        for tok, e in list(self.entries.items()):  # least recently used first
+            if idle <= budget:
+                break
+            if not e.in_use(now):
+                idle -= e.nbytes
+                released.append(self.entries.pop(tok))
+        return released
