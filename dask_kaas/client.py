@@ -21,7 +21,7 @@ from dask.base import tokenize
 from distributed import Client, Future, default_client
 
 from . import checks, config
-from .consts import ConstRegistry, const_key
+from .consts import ConstRegistry
 from .device.handles import DeviceArray
 from .graph.buffers import BufferKind
 from .graph.errors import (
@@ -168,10 +168,10 @@ class _ClientState:
               requests: list[GraphRequest], columns: list[list[Any]], keep: list[str],
               priority: int, resource: str) -> None:
         """Remember what each request needs to be sent again while its future lives."""
-        prefix = const_key("")
         for i, (fut, request) in enumerate(zip(futures, requests)):
-            consts = {pos: ref.dask_key[len(prefix):] for pos, ref in enumerate(request.inputs)
-                      if ref.const and (ref.dask_key or "").startswith(prefix)}
+            tokens = {pos: self.consts.token_of(ref.dask_key) if ref.const and ref.dask_key
+                      else None for pos, ref in enumerate(request.inputs)}
+            consts = {pos: tok for pos, tok in tokens.items() if tok is not None}
             values = [None if pos in consts else col[i] for pos, col in enumerate(columns)]
             self.consts.hold(fut, consts.values())
             self.resender.track(fut, Recipe(graph, request, values, consts, keep, priority,

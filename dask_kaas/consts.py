@@ -13,6 +13,10 @@ bound what the client keeps:
   ``kaas.client-const-cache`` bytes, least recently used first out.  An array
   the program dropped releases its cluster copy at once.
 
+A const released here and sent again later gets a new key: Dask forgets a
+released key asynchronously, so scattering the same key again could be
+undone by the release still on its way.
+
 Weak-reference callbacks and finalizers run on whatever thread the garbage
 collector happens to run, including the client's event loop, so they never
 wait for the registry lock: they mark it dirty and whoever holds it sweeps.
@@ -23,6 +27,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+import uuid
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -42,6 +47,8 @@ GONE = ("lost", "error", "cancelled")
 #: the submission's futures exist (so a temporary array is not released
 #: between scatter and submit).
 FRESH_S = 60.0
+#: Released tokens remembered (their next scatter takes a fresh key).
+RELEASED_KEPT = 4096
 
 
 def const_key(token: str) -> str:
@@ -66,6 +73,7 @@ def cache_budget() -> int:
 @dataclass(eq=False)
 class ConstEntry:
     token: str
+    key: str
     nbytes: int
     future: Future | None = None
     #: Held while in use (to send again); None otherwise.
@@ -91,6 +99,8 @@ class ConstRegistry:
         self._sweeping = False
         #: Tokens whose user died while the lock was taken (see sweep).
         self._pending_release: list[str] = []
+        self._by_key: dict[str, str] = {}  # Dask key -> token
+        self._released: OrderedDict[str, None] = OrderedDict()
 
     # -- lookups ---------------------------------------------------------------
     @property
@@ -103,7 +113,11 @@ class ConstRegistry:
         with self.lock:
             e = self.entries.get(token)
             if e is None:
-                e = self.entries[token] = ConstEntry(token, int(arr.nbytes))
+                key = const_key(token)
+                if token in self._released:
+                    key = f"{key}-{uuid.uuid4().hex[:12]}"
+                e = self.entries[token] = ConstEntry(token, key, int(arr.nbytes))
+                self._by_key[key] = token
             try:  # the latest array with this content decides whether it is kept
                 e.source = weakref.ref(arr, self._source_died)
             except TypeError:
@@ -113,11 +127,16 @@ class ConstRegistry:
             self.entries.move_to_end(token)
             fut = e.future
         if fut is None or fut.status in GONE:
-            fut = self._scatter(token, np.asarray(arr, order="C"))
+            fut = self._scatter(e.key, np.asarray(arr, order="C"))
             with self.lock:
                 e.future = fut
         self.sweep()
         return fut
+
+    def token_of(self, key: str) -> str | None:
+        """The token of a const key this registry scattered."""
+        with self.lock:
+            return self._by_key.get(key)
 
     def has_array(self, token: str) -> bool:
         """Whether this client can send the const again."""
@@ -135,16 +154,15 @@ class ConstRegistry:
             fut, arr = e.future, e.array
         if fut is not None and fut.status not in GONE:
             return fut
-        fut = self._scatter(token, arr)
+        fut = self._scatter(e.key, arr)
         with self.lock:
             e.future = fut
         return fut
 
-    def _scatter(self, token: str, arr: np.ndarray) -> Future:
+    def _scatter(self, key: str, arr: np.ndarray) -> Future:
         """Scatter to two graph workers (losing one then loses no const).  The
         worker list may be a moment stale after a worker died: ask again, and
         fall back to letting Dask choose, rather than fail the submission."""
-        key = const_key(token)
         for refresh in (False, True):
             workers = list(self.candidates(refresh))
             chosen = random.sample(workers, min(2, len(workers))) if workers else None
@@ -222,7 +240,7 @@ class ConstRegistry:
                 continue
             e.array = None
             if e.source is None or e.source() is None:
-                released.append(self.entries.pop(tok))
+                released.append(self._forget(tok))
         budget = cache_budget()
         idle = sum(e.nbytes for e in self.entries.values() if not e.in_use(now))
         for tok, e in list(self.entries.items()):  # least recently used first
@@ -230,5 +248,14 @@ class ConstRegistry:
                 break
             if not e.in_use(now):
                 idle -= e.nbytes
-                released.append(self.entries.pop(tok))
+                released.append(self._forget(tok))
         return released
+
+    def _forget(self, token: str) -> ConstEntry:
+        e = self.entries.pop(token)
+        self._by_key.pop(e.key, None)
+        self._released[token] = None
+        self._released.move_to_end(token)
+        while len(self._released) > RELEASED_KEPT:
+            self._released.popitem(last=False)
+        return e

@@ -164,6 +164,8 @@ def test_const_lost_with_every_worker_is_sent_again():
             np.testing.assert_allclose(f["y"].result(timeout=120), 2 * x + w, rtol=1e-6)
         assert _state(c).resender.resent >= 1
         # Requests the program let go are not sent again.
+        del done, pending, f
+        gc.collect()
         dropped = c.map_kernel_graph(graph(seconds=0.05), [{"x": x, "w": w} for x in xs[:5]])
         before = _state(c).resender.resent
         del dropped
