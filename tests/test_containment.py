@@ -12,9 +12,9 @@ import traceback
 import numpy as np
 import pytest
 from distributed import wait
+from kaas_graphs import N, scale_graph
 
 from dask_kaas import (
-    InOut,
     KaasClient,
     Kernel,
     KernelExecutionError,
@@ -22,21 +22,6 @@ from dask_kaas import (
     LocalKaasCluster,
     Out,
 )
-
-N = 32
-
-
-def scale_graph(name: str = "scale") -> KernelGraph:
-    """y = 2 x + w with a const w: the bystanders' graph."""
-    g = KernelGraph(name)
-    x = g.input("x", (N,), np.float32)
-    w = g.const("w", (N,), np.float32)
-    t = g.temp("t", (N,), np.float32)
-    y = g.output("y", (N,), np.float32)
-    g.launch(Kernel.library("copy"), [x, Out(t)])
-    g.launch(Kernel.library("axpy"), [np.float32(1), x, InOut(t)])
-    g.launch(Kernel.library("add"), [t, w, Out(y)])
-    return g
 
 
 def raising_graph(exc: BaseException, name: str = "bad") -> KernelGraph:

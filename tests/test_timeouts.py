@@ -16,10 +16,10 @@ import time
 import dask
 import numpy as np
 import pytest
+from kaas_graphs import N, scale_graph
 
 from dask_kaas import (
     GraphError,
-    InOut,
     KaasClient,
     KaasError,
     Kernel,
@@ -31,22 +31,7 @@ from dask_kaas import (
 )
 from dask_kaas.device import deadline
 
-N = 32
 GRACE_S = 3.0
-
-
-def scale_graph(name: str = "scale", n_iter: int = 1, const: bool = True) -> KernelGraph:
-    """y = 2 x + w with w a const (or an input: no scattered data to lose
-    when a worker restarts, which is another part of issue 9)."""
-    g = KernelGraph(name, n_iter=n_iter)
-    x = g.input("x", (N,), np.float32)
-    w = g.const("w", (N,), np.float32) if const else g.input("w", (N,), np.float32)
-    t = g.temp("t", (N,), np.float32)
-    y = g.output("y", (N,), np.float32)
-    g.launch(Kernel.library("copy"), [x, Out(t)])
-    g.launch(Kernel.library("axpy"), [np.float32(1), x, InOut(t)])
-    g.launch(Kernel.library("add"), [t, w, Out(y)])
-    return g
 
 
 def sleeper_graph(seconds: float, name: str = "sleeper") -> KernelGraph:
