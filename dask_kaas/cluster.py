@@ -168,5 +168,16 @@ class LocalKaasCluster(LocalCluster):
         self.device_of = live
         return out
 
+    def _update_worker_status(self, op: str, msg: Any) -> None:
+        # Workers here get killed and restarted (a sticky device fault, a
+        # runaway kernel, a chaos run).  When one dies before the cluster heard
+        # that it joined, the scheduler's "remove" names a worker the cluster
+        # never knew; SpecCluster then raises KeyError, which ends its watch of
+        # the scheduler and fails the cluster's close.  Nothing is known about
+        # that worker, so there is nothing to update.
+        if op == "remove" and msg not in self.scheduler_info.get("workers", {}):
+            return
+        super()._update_worker_status(op, msg)
+
     def new_worker_spec(self) -> dict[Any, Any]:
         return self._assign_devices(super().new_worker_spec())

@@ -8,6 +8,8 @@ requests in flight; each result is compared with NumPy.
 
 from __future__ import annotations
 
+import time
+
 from dask_kaas import KaasClient, LocalKaasCluster
 from dask_kaas.bench.chaos import ChaosSpec, run_chaos
 from dask_kaas.bench.workloads import make_workload
@@ -23,3 +25,19 @@ def test_no_request_lost_or_wrong_while_workers_are_killed():
     assert res.kills >= 3 and res.kill_all == 1, res.summary()
     assert res.lost == 0 and res.wrong == 0, res.summary()
     assert res.done == res.submitted > 0
+
+
+def test_removal_of_a_worker_the_cluster_never_saw_keeps_the_watch_alive():
+    """A worker that dies before the cluster heard that it joined: the
+    scheduler's "remove" names an address the cluster does not know.  The
+    cluster must shrug (Dask's SpecCluster raised KeyError there, which
+    ended its watch of the scheduler and failed close())."""
+    with LocalKaasCluster(1, backend="cpu", dashboard_address=None) as cluster, \
+            KaasClient(cluster) as client:
+        cluster._update_worker_status("remove", "tcp://127.0.0.1:9")  # as the watch would
+        cluster.scale(2)
+        client.wait_for_workers(2, timeout=60)
+        deadline = time.monotonic() + 30
+        while len(cluster.scheduler_info["workers"]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(cluster.scheduler_info["workers"]) == 2  # the watch still runs
