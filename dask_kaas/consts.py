@@ -217,17 +217,23 @@ class ConstRegistry:
             self._dirty = True
             return
         try:
-            if self._sweeping:  # a finalizer run by the collector mid-sweep
+            if self._sweeping:
+                # A finalizer run mid-sweep (same thread: the lock is an
+                # RLock).  Leave the work to the running sweep, and leave its
+                # flag alone: clearing it here would let the next nested
+                # sweep forget entries the running one is iterating over.
                 self._dirty = True
                 return
             self._sweeping = True
-            self._dirty = True
-            while self._dirty:
-                self._dirty = False
-                released = self._sweep_once()
-                del released  # dropping futures may run finalizers: they set _dirty
+            try:
+                self._dirty = True
+                while self._dirty:
+                    self._dirty = False
+                    released = self._sweep_once()
+                    del released  # dropping futures may run finalizers: they set _dirty
+            finally:
+                self._sweeping = False
         finally:
-            self._sweeping = False
             self.lock.release()
 
     def _sweep_once(self) -> list[ConstEntry]:

@@ -175,3 +175,22 @@ def test_const_lost_with_every_worker_is_sent_again():
         c.wait_for_workers(2, timeout=60)
         time.sleep(1.0)
         assert _state(c).resender.resent == before
+
+
+def test_sweep_survives_finalizers_that_sweep_while_it_runs(cc):
+    """Dropping a released const's array during a sweep runs its weakref
+    callback, which sweeps again (re-entrantly, same thread).  Those nested
+    sweeps must wait for the running one, not forget entries out from under
+    it (seen as KeyError from ``_forget`` when the demo's client closed)."""
+    from dask_kaas.consts import ConstRegistry
+
+    reg = ConstRegistry(cc, lambda refresh: [])
+    arrays = [np.full(8, i, np.float32) for i in range(4)]
+    keys = [reg.future(f"token-{i}", a).key for i, a in enumerate(arrays)]
+    for e in reg.entries.values():
+        e.fresh_at = 0.0  # idle: nothing uses them any more
+    del arrays
+    gc.collect()
+    reg.sweep()  # each dropped array's callback sweeps again while this one runs
+    assert not reg.entries
+    assert all(reg.token_of(k) is None for k in keys)

@@ -97,3 +97,6 @@ def test_demo_command_runs_and_checks_results():
     assert "60 results match NumPy, 0 do not" in out.stdout
     assert "Per-worker device caches" in out.stdout and "tenant-2" in out.stdout
     assert "http://127.0.0.1:" in out.stdout
+    # Nothing may go wrong on the way out either (finalizers at shutdown).
+    assert "Traceback" not in out.stderr and "Exception ignored" not in out.stderr, \
+        out.stderr[-3000:]
