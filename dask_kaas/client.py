@@ -31,6 +31,7 @@ from .graph.errors import (
 )
 from .graph.graph import KernelGraph
 from .limits import check_n_iter, request_timeout
+from .plugin.identity import kept_id
 from .plugin.scheduler import KaasSchedulerPlugin
 from .plugin.tasks import run_kernel_graph, select_output
 from .request import ANNOTATION, SELECT_ROLE, GraphRequest, InputRef
@@ -239,7 +240,7 @@ def map_kernel_graph(graph: KernelGraph, inputs: Iterable[Mapping[str, Any]],
             column.append(value)
         requests.append(GraphRequest(
             key=key, graph=graph.name, tenant=tenant, inputs=refs,
-            keep={name: f"{key}-out-{name}" for name in keep}, nbytes=graph.nbytes,
+            keep={name: kept_id(key, name) for name in keep}, nbytes=graph.nbytes,
             priority=priority, weight=weight, timeout=timeout))
     if not requests:
         return []
