@@ -110,14 +110,18 @@ def test_returning_tenant_banks_no_credit():
         q.push(f"a{i}", "a")
     serve(q, {"a": 0.01}, steps=50, refill=False)
     assert q.share.of("a") == pytest.approx(0.5)
-    q.push("b0", "b")  # b was idle all along: it starts level with a, not at 0
-    assert q.share.of("b") == pytest.approx(q.share.of("a"))
+    for i in range(20):
+        q.push(f"b{i}", "b")
+    # b was idle all along: it starts at the virtual time of a's last release
+    # (at most that release's charge behind a), not at 0
+    assert q.share.of("a") - 0.01 <= q.share.of("b") < q.share.of("a")
     order = []
-    for _ in range(2):
+    for _ in range(20):
         key, tenant = q.pop()
         q.started(key, tenant, 0.01)
         order.append(tenant)
-    assert order == ["a", "b"]  # level: the one backlogged longest, then b
+    assert order[:3] == ["b", "a", "b"]
+    assert order.count("b") == 10  # no more than its share
 
 
 def test_priority_then_fifo_within_a_tenant():
@@ -177,6 +181,7 @@ class QueueMachine(RuleBasedStateMachine):
         self.order = 0
         self.n = 0
         self.released: dict[str, str] = {}
+        self.last_step = 0.0
 
     @rule(target=keys, tenant=st.sampled_from("abcd"), priority=st.integers(-2, 2))
     def push(self, tenant, priority):
@@ -184,10 +189,14 @@ class QueueMachine(RuleBasedStateMachine):
         self.n += 1
         backlogged = {t for t, _, _ in self.model.values()}
         floor = min((self.q.share.of(t) for t in backlogged), default=None)
+        vtime = self.q.virtual_time()
         assert self.q.push(key, tenant, priority)
         assert not self.q.push(key, tenant, priority)  # no duplicates
         if tenant not in backlogged and floor is not None:
-            assert self.q.share.of(tenant) >= floor - 1e-12
+            # at most the last released request's charge below the backlog
+            assert vtime <= floor + 1e-12
+            assert self.q.share.of(tenant) >= vtime - 1e-12
+            assert self.q.share.of(tenant) >= floor - self.last_step - 1e-12
         self.model[key] = (tenant, priority, self.order)
         self.order += 1
         return key
@@ -209,6 +218,7 @@ class QueueMachine(RuleBasedStateMachine):
         assert (-self.model[key][1], self.model[key][2]) == best
         del self.model[key]
         self.q.started(key, tenant, estimate)
+        self.last_step = estimate / self.q.share.weight(tenant)
         self.released[key] = tenant
 
     @precondition(lambda self: self.released)
@@ -259,6 +269,10 @@ def test_peek_skips_excluded_tenants_and_keeps_them_queued():
     ("dispatch-interval", float("inf")), ("dispatch-interval", "1000 days"),
     ("dispatch-interval", "0.1ms"), ("dispatch-interval", {"a": 1}),
     ("dispatch-interval", b"\xff"),
+    ("anticipation", -1), ("anticipation", "11s"), ("anticipation", "later"),
+    ("anticipation", float("nan")), ("anticipation", float("inf")), ("anticipation", True),
+    ("anticipation", [0.05]), ("anticipation", b"\xff"), ("anticipation", "-5ms"),
+    ("anticipation", 10 ** 400),
 ])
 def test_hostile_dispatch_config_is_a_kaas_error(key, bad):
     import dask
@@ -276,6 +290,12 @@ def test_dispatch_config_defaults_and_valid_values():
 
     p = KaasSchedulerPlugin()
     assert p.dispatch.prefetch == 1 and p.dispatch.interval_s == pytest.approx(0.2)
-    with dask.config.set({"kaas.prefetch": 0, "kaas.dispatch-interval": "50ms"}):
+    assert p.dispatch.queue.anticipate_s == pytest.approx(0.05)
+    with dask.config.set({"kaas.prefetch": 0, "kaas.dispatch-interval": "50ms",
+                          "kaas.anticipation": None}):
         p = KaasSchedulerPlugin()
     assert p.dispatch.prefetch == 0 and p.dispatch.interval_s == pytest.approx(0.05)
+    assert p.dispatch.queue.anticipate_s == 0
+    for value, seconds in [(0, 0.0), ("20ms", 0.02), (1, 1.0), ("10s", 10.0)]:
+        with dask.config.set({"kaas.anticipation": value}):
+            assert KaasSchedulerPlugin().dispatch.queue.anticipate_s == seconds

@@ -13,12 +13,25 @@ time (a cancelled or lost request).
 
 Released requests stay known here until they finish, so the estimate charged
 at release can be corrected by the device time the worker measured.
+
+Anticipation: most clients send their next request when the last one
+returns (an HTTP client, a user's loop of ``.result()``).  Between the two,
+such a tenant has nothing queued, and a work-conserving dispatcher hands
+every place that opens meanwhile to whoever has work waiting, so shares
+follow how many requests each tenant keeps outstanding, not the weights.
+So a place that opens on a worker that is still busy (a prefetch place: the
+worker idles not one moment while it stays empty) is kept, for a short
+while, for a tenant ahead in fair order whose request has just finished and
+whose next one is expected (``anticipation``).  A place on an idle worker is
+never kept.  How long to wait is learned per tenant from how long its next
+request took to come after a finished one.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+from collections import OrderedDict
 from collections.abc import Container, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +47,20 @@ class _Backlog:
 
 
 @dataclass
+class _Expected:
+    """Requests a tenant is expected to send again (one per finished one)."""
+
+    owed: int
+    since: float  # when the last of them finished
+
+
+#: Weight of a new sample in a tenant's mean return time.
+RETURN_EWMA = 0.2
+#: Wait at most this many times a tenant's mean return time.
+RETURN_SLACK = 2.0
+
+
+@dataclass
 class _Entry:
     tenant: str
     priority: int
@@ -41,8 +68,14 @@ class _Entry:
 
 
 class DispatchQueue:
-    def __init__(self, share: FairShare | None = None) -> None:
+    def __init__(self, share: FairShare | None = None, anticipate_s: float = 0.0) -> None:
         self.share = share or FairShare()
+        #: Longest a prefetch place is kept for an expected request (0: never).
+        self.anticipate_s = anticipate_s
+        #: tenant -> requests expected back, oldest ``since`` first
+        self._expected: OrderedDict[str, _Expected] = OrderedDict()
+        #: tenant -> mean seconds from a finished request to its next one
+        self.return_s: dict[str, float] = {}
         self._entries: dict[Any, _Entry] = {}
         self._backlogs: dict[str, _Backlog] = {}
         #: (virtual runtime, seq, tenant), stale unless equal to _position[tenant]
@@ -53,12 +86,21 @@ class DispatchQueue:
         self._seq = itertools.count()
         #: Least virtual runtime among backlogged tenants when last seen.
         self._floor = 0.0
+        #: Virtual runtime of the last released request's tenant before its
+        #: charge, and that charge.
+        self._start_tag: float | None = None
+        self._step = 0.0
 
     # -- queue -------------------------------------------------------------
-    def push(self, key: Any, tenant: str, priority: int = 0) -> bool:
-        """Queue ``key``; False (and no change) if it is already queued."""
+    def push(self, key: Any, tenant: str, priority: int = 0,
+             now: float | None = None) -> bool:
+        """Queue ``key``; False (and no change) if it is already queued.
+        ``now`` (monotonic seconds) lets a new request count as the return
+        of one of the tenant's finished ones."""
         if key in self._entries:
             return False
+        if now is not None:
+            self._returned(tenant, now)
         seq = next(self._seq)
         self._entries[key] = _Entry(tenant, priority, seq)
         backlog = self._backlogs.get(tenant)
@@ -67,7 +109,7 @@ class DispatchQueue:
         heapq.heappush(backlog.heap, (-priority, seq, key))
         backlog.n += 1
         if tenant not in self._position:
-            self.share.rejoin(tenant, self.floor())
+            self.share.rejoin(tenant, self.virtual_time())
             self._place(tenant)
         return True
 
@@ -133,15 +175,22 @@ class DispatchQueue:
         now, so the next release already sees it."""
         self.finished(key, None)
         self._running[key] = (tenant, max(estimate_s, 0.0))
+        before = self.share.of(tenant)
         self._charge(tenant, max(estimate_s, 0.0))
+        self._start_tag, self._step = before, self.share.of(tenant) - before
 
-    def finished(self, key: Any, measured_s: float | None) -> None:
+    def finished(self, key: Any, measured_s: float | None,
+                 now: float | None = None) -> None:
         """A released ``key`` ended: replace its estimate by the device time
-        the worker measured (None: it did not run to the end; refund)."""
+        the worker measured (None: it did not run to the end; refund).
+        ``now``: its tenant's next request is expected from now on."""
         run = self._running.pop(key, None)
         if run is None:
             return
         tenant, estimate = run
+        if now is not None and measured_s is not None and self.anticipate_s > 0:
+            exp = self._expected.pop(tenant, None)
+            self._expected[tenant] = _Expected((exp.owed if exp else 0) + 1, now)
         used = 0.0 if measured_s is None else max(float(measured_s), 0.0)
         if used != estimate:
             self._charge(tenant, used - estimate)
@@ -157,6 +206,69 @@ class DispatchQueue:
         """Charge device time not tied to a released key."""
         self._charge(tenant, seconds)
 
+    # -- anticipation --------------------------------------------------------
+    def anticipation(self, tenant: str, now: float,
+                     busy_until: float | None = None) -> tuple[int, float | None]:
+        """Places to keep, and until when, for tenants ahead of ``tenant`` in
+        fair order whose next request is expected soon, if ``tenant`` is next
+        and every open place is on a busy worker (the first of them expected
+        free at ``busy_until``).  The caller releases ``tenant``'s request
+        only into a place beyond those; (0, None) when nothing is expected."""
+        if self.anticipate_s <= 0 or not self._expected:
+            return 0, None
+        self._expire_expected(now)
+        floor = self.virtual_time()
+        ahead_of = self.share.of(tenant)
+        reserved, until = 0, None
+        for other, exp in self._expected.items():
+            if other == tenant or other in self._position:
+                continue  # queued tenants are ordered by peek already
+            end = exp.since + self.wait_s(other)
+            if end <= now or self.share.rejoin_at(other, floor) >= ahead_of:
+                continue
+            expected_at = exp.since + self.return_s.get(other, 0.0)
+            if busy_until is not None and expected_at > busy_until:
+                continue  # a worker would idle before it comes: no use waiting
+            reserved += exp.owed
+            until = end if until is None else min(until, end)
+        return reserved, until
+
+    def wait_s(self, tenant: str) -> float:
+        """How long after a finished request its tenant's next one is waited
+        for: twice its mean return time (all of ``anticipate_s`` until one
+        is known), at most ``anticipate_s``."""
+        mean = self.return_s.get(tenant)
+        if mean is None:
+            return self.anticipate_s
+        return min(self.anticipate_s, RETURN_SLACK * mean + 0.001)
+
+    def forget(self, tenant: str) -> None:
+        """Drop an idle tenant's fair-share and return-time state."""
+        self.share.forget(tenant)
+        self.return_s.pop(tenant, None)
+        self._expected.pop(tenant, None)
+
+    def _returned(self, tenant: str, now: float) -> None:
+        exp = self._expected.get(tenant)
+        if exp is None:
+            return
+        sample = max(now - exp.since, 0.0)
+        if sample <= self.anticipate_s:
+            mean = self.return_s.get(tenant)
+            self.return_s[tenant] = sample if mean is None else (
+                mean + RETURN_EWMA * (sample - mean))
+        exp.owed -= 1
+        if exp.owed <= 0:
+            del self._expected[tenant]
+
+    def _expire_expected(self, now: float) -> None:
+        cut = now - self.anticipate_s
+        while self._expected:
+            tenant, exp = next(iter(self._expected.items()))
+            if exp.since > cut:
+                break
+            del self._expected[tenant]
+
     def set_weight(self, tenant: str, weight: float) -> None:
         self.share.set_weight(tenant, weight)
 
@@ -167,6 +279,15 @@ class DispatchQueue:
         if tenant is not None:
             self._floor = self._position[tenant][0]
         return self._floor
+
+    def virtual_time(self) -> float:
+        """Where a tenant becoming backlogged starts (at the least): the
+        floor, or the last release's start tag if lower (see FairShare), but
+        never more than that release's charge below the floor."""
+        floor = self.floor()
+        if self._start_tag is None:
+            return floor
+        return min(floor, max(self._start_tag, floor - self._step))
 
     # -- internals ---------------------------------------------------------
     def _live(self, item: tuple[int, int, Any]) -> bool:

@@ -16,6 +16,14 @@ only note that a pass is due; one release pass runs from the event loop
 (the pattern of Dask's ``stimulus_queue_slots_maybe_opened``), and a
 periodic pass catches what no hook reports (a paused worker resuming).
 
+When every open place is a prefetch place (its worker is busy), the next
+request in fair order goes there only if no tenant ahead of it in fair order
+is expected to send one before the worker frees (``DispatchQueue``'s
+anticipation; ``kaas.anticipation``): a tenant whose clients wait for each
+result has, for a moment after each, nothing queued, and would otherwise
+lose its weight to tenants with more requests outstanding.  A worker with a
+free slot is never kept waiting.
+
 A released graph whose worker leaves (or that is cancelled, retried or
 recomputed) goes back through ``released``/``waiting``, where its restriction
 is reset to the hold address, so it returns to the queue.
@@ -33,7 +41,7 @@ from .. import config
 from ..graph.errors import KaasError
 from .candidates import LoadIndex, candidate_workers
 from .dispatch import DispatchQueue
-from .placement import PlacementContext, WorkerView
+from .placement import PlacementContext, RequestCosts, WorkerView
 
 if TYPE_CHECKING:
     from distributed import Scheduler
@@ -62,6 +70,34 @@ def prefetch_setting() -> int:
     return value
 
 
+#: A request waits for a busy worker, with a place open elsewhere, only to
+#: avoid a load there or to finish sooner by more than this share of its run
+#: time: estimates of a few percent apart are noise, and a tenant sitting
+#: out for them hands the open place to tenants behind it in fair order.
+WAIT_MARGIN = 0.25
+#: Longest ``kaas.anticipation`` in seconds.
+MAX_ANTICIPATION_S = 10.0
+
+
+def anticipation_s() -> float:
+    """``kaas.anticipation`` in seconds (null or 0: off)."""
+    from dask.utils import parse_timedelta
+
+    value = config.get("anticipation", 0.05)
+    if value is None:
+        return 0.0
+    try:
+        seconds = parse_timedelta(value) if isinstance(value, str) else value
+        ok = (not isinstance(seconds, bool) and isinstance(seconds, (int, float))
+              and 0 <= seconds <= MAX_ANTICIPATION_S)
+    except (ValueError, KeyError, TypeError, OverflowError):
+        ok = False
+    if not ok:
+        raise KaasError(f"kaas.anticipation must be a duration from 0 to "
+                        f"{MAX_ANTICIPATION_S:g} s (or null), got {value!r}")
+    return float(seconds)
+
+
 def dispatch_interval_s() -> float:
     """``kaas.dispatch-interval`` in seconds (null: 200 ms)."""
     from ..limits import _config_seconds
@@ -79,7 +115,7 @@ def dispatch_interval_s() -> float:
 class Dispatcher:
     def __init__(self, plugin: KaasSchedulerPlugin) -> None:
         self.plugin = plugin
-        self.queue = DispatchQueue()
+        self.queue = DispatchQueue(anticipate_s=anticipation_s())
         self.index = LoadIndex()
         self.prefetch = prefetch_setting()
         self.interval_s = dispatch_interval_s()
@@ -92,12 +128,18 @@ class Dispatcher:
         #: rebuilt over all workers only by the periodic pass and when a
         #: worker joins, so a pass costs O(released x log workers).
         self.room: dict[str, int] = {}
+        #: The workers in ``room`` with a slot free (the rest are running
+        #: all they can and have only prefetch places open).
+        self.idle: set[str] = set()
         self._room_stale = True
+        self._anticipation_timer: Any = None
+        self._anticipation_until = 0.0
         self._seq = itertools.count()
         self._pass_due = False
         self.releases = 0
         self.failed_releases = 0
         self.waits_for_holder = 0
+        self.anticipation_waits = 0
 
     @property
     def scheduler(self) -> Scheduler:
@@ -111,7 +153,7 @@ class Dispatcher:
         _hold(ts)
         ts.priority = (-priority, 0, next(self._seq))
         if ts.state == "no-worker":  # already parked: no transition will say so
-            self.queue.push(ts.key, tenant, priority)
+            self.queue.push(ts.key, tenant, priority, now=time.monotonic())
             self.wake()
 
     # -- hooks -----------------------------------------------------------------
@@ -125,7 +167,7 @@ class Dispatcher:
             if worker is not None:
                 self._freed(worker)
                 ok = finish in ("memory", "erred")
-                self.queue.finished(key, measured_s() if ok else None)
+                self.queue.finished(key, measured_s() if ok else None, now=time.monotonic())
         if start == "no-worker":
             self.queue.remove(key)
         if finish in ("released", "waiting"):
@@ -135,7 +177,7 @@ class Dispatcher:
         elif finish == "no-worker" and tenant is not None:
             ts = self.scheduler.tasks.get(key)
             if ts is not None and ts.worker_restrictions == {HOLD}:
-                self.queue.push(key, tenant, priority)
+                self.queue.push(key, tenant, priority, now=time.monotonic())
                 self.wake()
         elif finish == "forgotten":
             self.queue.remove(key)
@@ -147,6 +189,7 @@ class Dispatcher:
     def worker_removed(self, address: str) -> None:
         self.in_flight.pop(address, None)
         self.room.pop(address, None)
+        self.idle.discard(address)
         self.index.discard(address)
         for key in [k for k, w in self.released.items() if w == address]:
             # Dask released them before this hook; this is a safety net.
@@ -173,12 +216,29 @@ class Dispatcher:
         if free > 0:
             self.room[worker] = free
             self.index.update(worker, self.plugin.free_at.get(worker, 0.0))
+            self._note_idle(worker, free)
         else:
             self.room.pop(worker, None)
+            self.idle.discard(worker)
             self.index.discard(worker)
+
+    def _note_idle(self, worker: str, free: int) -> None:
+        """``worker`` has a free slot, not just prefetch places, when more
+        than its prefetch places are open."""
+        if free > self.prefetch_places(worker):
+            self.idle.add(worker)
+        else:
+            self.idle.discard(worker)
+
+    def prefetch_places(self, worker: str) -> int:
+        ws = self.scheduler.workers.get(worker)
+        return 0 if ws is None else self.limit(ws) // (1 + self.prefetch) * self.prefetch
 
     def _rebuild_room(self) -> None:
         self.room = self.open_workers()
+        self.idle = set()
+        for addr, free in self.room.items():
+            self._note_idle(addr, free)
         for addr in self.index.members():
             if addr not in self.room:
                 self.index.discard(addr)
@@ -256,6 +316,8 @@ class Dispatcher:
             if ts is None or rec is None or ts.state != "no-worker":
                 self.queue.remove(key)
                 continue
+            if not self.idle and self._keep_places(tenant, room, now):
+                break
             view = self._choose(rec.request, room, ctx, now)
             if view is not None and view.address not in room:
                 # Waiting for a busy worker that holds its buffers is
@@ -278,6 +340,49 @@ class Dispatcher:
             self._touch(worker)
         return released
 
+    def _keep_places(self, tenant: str, room: dict[str, int], now: float) -> bool:
+        """Whether the open places, all on busy workers, are kept for
+        tenants ahead of ``tenant`` whose next request is expected before a
+        worker frees (then a pass is due when the wait ends)."""
+        if self.queue.anticipate_s <= 0:
+            return False
+        first = self.index.least(1)
+        busy_until = self.plugin.free_at.get(first[0]) if first else None
+        reserved, until = self.queue.anticipation(tenant, now, busy_until)
+        if not reserved:
+            return False
+        spare = 0
+        for free in room.values():
+            spare += free
+            if spare > reserved:
+                return False
+        self.anticipation_waits += 1
+        self._wake_at(until if until is not None else now)
+        return True
+
+    def _wake_at(self, when: float) -> None:
+        """One timer for the end of the earliest anticipation."""
+        timer = self._anticipation_timer
+        if timer is not None and self._anticipation_until <= when:
+            return
+        s = self.plugin.scheduler
+        if s is None:
+            return
+        if timer is not None:
+            s.loop.remove_timeout(timer)
+        self._anticipation_until = when
+        delay = max(when - time.monotonic(), 0.0) + 0.0005
+        self._anticipation_timer = s.loop.call_later(delay, self._anticipation_over)
+
+    def _anticipation_over(self) -> None:
+        self._anticipation_timer = None
+        self.wake()
+
+    def close(self) -> None:
+        if self._anticipation_timer is not None and self.plugin.scheduler is not None:
+            self.plugin.scheduler.loop.remove_timeout(self._anticipation_timer)
+        self._anticipation_timer = None
+
     def _view(self, addr: str, now: float) -> WorkerView | None:
         s = self.scheduler
         ws = s.workers.get(addr)
@@ -288,6 +393,12 @@ class Dispatcher:
         st = plugin.worker_stats.get(addr, {})
         queued = self.in_flight.get(addr, 0)
         wait = max(0.0, plugin.free_at.get(addr, now) - now) if queued else 0.0
+        if queued > slots > 0:
+            # Graphs beyond its slots have not started: whatever the
+            # bookings say (they run late), a new one waits for them.
+            booked = plugin.book.queues.get(addr) or {}
+            mean = sum(booked.values()) / len(booked) if booked else 0.0
+            wait = max(wait, (queued - slots) * mean / slots)
         used = max(st.get("used_bytes", 0), plugin.directory.expected_bytes(addr))
         return WorkerView(addr, max(slots, 1), st.get("capacity_bytes"), used, wait, queued)
 
@@ -313,7 +424,18 @@ class Dispatcher:
         views = [v for v in (self._view(a, now) for a in addrs) if v is not None]
         if not views:
             return None
-        return policy.choose(request, views, ctx)
+        best = policy.choose(request, views, ctx)
+        if best.address in room or policy.name != "affinity":
+            return best
+        open_views = [v for v in views if v.address in room]
+        if not open_views:
+            return best
+        terms = dict(policy.last_terms)
+        alt = policy.choose(request, open_views, ctx)
+        if worth_waiting(RequestCosts(request, ctx), best, alt):
+            policy.last_terms = terms
+            return best
+        return alt
 
     def _release(self, ts: TaskState, rec: Any, view: WorkerView | None,
                  ctx: PlacementContext, now: float, stimulus_id: str) -> str | None:
@@ -392,8 +514,26 @@ class Dispatcher:
         state.update({"in_flight": dict(self.in_flight), "room": dict(self.room),
                       "prefetch": self.prefetch,
                       "releases": self.releases, "failed_releases": self.failed_releases,
-                      "waits_for_holder": self.waits_for_holder})
+                      "waits_for_holder": self.waits_for_holder,
+                      "anticipation_waits": self.anticipation_waits,
+                      "anticipation_s": self.queue.anticipate_s})
         return state
+
+
+def worth_waiting(costs: RequestCosts, busy: WorkerView, open_: WorkerView) -> bool:
+    """Whether a request should wait for ``busy`` rather than take a place
+    on ``open_`` now: it would load or fetch less there, or finish sooner by
+    more than WAIT_MARGIN of its run time."""
+    on_busy, on_open = costs.terms(busy), costs.terms(open_)
+    if movement(on_busy) < movement(on_open):
+        return True
+    gain = sum(on_open.values()) - sum(on_busy.values())
+    return gain > WAIT_MARGIN * costs.run_s
+
+
+def movement(terms: dict[str, float]) -> float:
+    """Seconds of data movement in a placement's expected completion."""
+    return terms["load"] + terms["backlog_delay"] + terms["fetch"]
 
 
 def _hold(ts: TaskState) -> None:

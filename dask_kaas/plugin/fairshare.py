@@ -10,9 +10,16 @@ least.  While released work runs, the dispatcher charges its *estimate*
 (``charge``) and corrects it by the difference once the measured time is in,
 so several releases in a row do not all go to the same tenant.
 
-A tenant that becomes backlogged again starts no lower than the least
-virtual runtime among backlogged tenants (``rejoin``): idle time banks no
-credit, so a tenant back from a pause cannot shut the others out.
+A tenant that becomes backlogged again starts no lower than the system's
+virtual time (``rejoin``): idle time banks no credit, so a tenant back from a
+pause cannot shut the others out.  The queue takes as virtual time the least
+backlogged virtual runtime, or the virtual runtime at which the last request
+was released if that is lower (the start tag of start-time fair queueing).
+Why the second: a client that sends its next request when the last one
+returns has, between the two, nothing queued; levelling it up to the
+backlogged tenants' runtimes, which already include the request just
+released to one of them, took a bit of its weight every time (two tenants at
+2:1 with four such clients each measured 1.5:1 that way).
 """
 
 from __future__ import annotations
@@ -46,12 +53,20 @@ class FairShare:
         self.vruntime[tenant] = vr
         return vr
 
+    def rejoin_at(self, tenant: str, floor: float) -> float:
+        """Where ``tenant`` would start if it became backlogged at virtual
+        time ``floor``: there, unless it is already ahead."""
+        return max(self.vruntime.get(tenant, floor), floor)
+
     def rejoin(self, tenant: str, floor: float) -> float:
-        """``tenant`` becomes backlogged while the least backlogged virtual
-        runtime is ``floor``: it starts there unless it is already ahead."""
-        vr = max(self.vruntime.get(tenant, floor), floor)
-        self.vruntime[tenant] = vr
+        """``tenant`` becomes backlogged at virtual time ``floor``."""
+        vr = self.vruntime[tenant] = self.rejoin_at(tenant, floor)
         return vr
+
+    def forget(self, tenant: str) -> None:
+        """Drop an idle tenant's state (it rejoins at the virtual time)."""
+        self.weights.pop(tenant, None)
+        self.vruntime.pop(tenant, None)
 
     def of(self, tenant: str) -> float:
         return self.vruntime.get(tenant, 0.0)

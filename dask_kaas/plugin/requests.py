@@ -187,23 +187,25 @@ class RequestBook:
             del self.tenants[name]
         # Fair-share state of tenants with no figures left and nothing queued:
         # one back from idle starts level with the backlog anyway (rejoin).
-        share = self.queue.share
-        shares = [name for name in list(share.vruntime.keys() | share.weights.keys())
+        shares = [name for name in self._share_names()
                   if name not in self.tenants and name not in busy
                   and name not in self.pinned]
         for name in shares:
-            share.vruntime.pop(name, None)
-            share.weights.pop(name, None)
+            self.queue.forget(name)
         return {"tenants": len(gone), "shares": len(shares),
                 "graphs": self.costs.expire(now - graph_idle_s),
                 "buffer_sizes": self.directory.prune()}
+
+    def _share_names(self) -> set[str]:
+        share = self.queue.share
+        return share.vruntime.keys() | share.weights.keys() | self.queue.return_s.keys()
 
     def sizes(self) -> dict[str, int]:
         """Entries held by every table (what the memory tests watch)."""
         return {"requests": len(self.requests), "selects": len(self.selects),
                 "queued": sum(len(q) for q in self.queues.values()),
                 "free_at": len(self.free_at), "tenants": len(self.tenants),
-                "shares": len(self.queue.share.vruntime.keys() | self.queue.share.weights.keys()),
+                "shares": len(self._share_names()),
                 "backlog": len(self.queue), "running": self.queue.running(),
                 "graph_costs": len(self.costs.runtimes),
                 "worker_costs": len(self.costs.worker_runtimes),

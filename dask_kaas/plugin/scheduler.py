@@ -117,6 +117,7 @@ class KaasSchedulerPlugin(HandlersMixin, SchedulerPlugin):
             if periodic is not None:
                 periodic.stop()
         self._periodic = self._expiry = None
+        self.dispatch.close()
         if self.scheduler is not None:
             amm.uninstall(self.scheduler)
             for h in self._handlers():
