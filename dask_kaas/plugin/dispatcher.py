@@ -123,6 +123,9 @@ class Dispatcher:
         self.released: dict[Any, str] = {}
         #: worker -> graphs in flight there
         self.in_flight: dict[str, int] = {}
+        #: worker -> when its latest graph started, as far as the scheduler
+        #: can tell (a graph starts when the one before it ends)
+        self.started_at: dict[str, float] = {}
         #: running worker -> graphs it may still take.  Kept exact for the
         #: workers a release or a finished graph touches (O(1) each), and
         #: rebuilt over all workers only by the periodic pass and when a
@@ -188,6 +191,7 @@ class Dispatcher:
 
     def worker_removed(self, address: str) -> None:
         self.in_flight.pop(address, None)
+        self.started_at.pop(address, None)
         self.room.pop(address, None)
         self.idle.discard(address)
         self.index.discard(address)
@@ -201,8 +205,10 @@ class Dispatcher:
         n = self.in_flight.get(worker, 0) - 1
         if n > 0:
             self.in_flight[worker] = n
+            self.started_at[worker] = time.monotonic()
         else:
             self.in_flight.pop(worker, None)
+            self.started_at.pop(worker, None)
         self._touch(worker)
         self.wake()
 
@@ -347,7 +353,8 @@ class Dispatcher:
         if self.queue.anticipate_s <= 0:
             return False
         first = self.index.least(1)
-        busy_until = self.plugin.free_at.get(first[0]) if first else None
+        view = self._view(first[0], now) if first else None
+        busy_until = now + view.wait_s if view is not None else None
         reserved, until = self.queue.anticipation(tenant, now, busy_until)
         if not reserved:
             return False
@@ -392,15 +399,27 @@ class Dispatcher:
         slots = int(ws.resources.get(plugin.resource, 0) or 0)
         st = plugin.worker_stats.get(addr, {})
         queued = self.in_flight.get(addr, 0)
-        wait = max(0.0, plugin.free_at.get(addr, now) - now) if queued else 0.0
-        if queued > slots > 0:
-            # Graphs beyond its slots have not started: whatever the
-            # bookings say (they run late), a new one waits for them.
-            booked = plugin.book.queues.get(addr) or {}
-            mean = sum(booked.values()) / len(booked) if booked else 0.0
-            wait = max(wait, (queued - slots) * mean / slots)
+        wait = self.busy_for(addr, max(slots, 1), now) if queued else 0.0
         used = max(st.get("used_bytes", 0), plugin.directory.expected_bytes(addr))
         return WorkerView(addr, max(slots, 1), st.get("capacity_bytes"), used, wait, queued)
+
+    def busy_for(self, addr: str, slots: int, now: float) -> float:
+        """Seconds until ``addr`` can start one more graph.  With a slot free,
+        none.  Otherwise the rest of its running graph (the scheduler knows
+        when it started: when the one before it ended) and the graphs behind
+        it, a slot at a time.  Not the bookings made at release: they keep
+        the estimate of every graph ahead, so they run late or early with
+        every graph that does, and a worker that looked free by them while
+        it had graphs waiting drew requests to wait for it."""
+        queued = self.in_flight.get(addr, 0)
+        if queued < slots:
+            return 0.0
+        started = self.started_at.get(addr)
+        booked = self.plugin.book.queues.get(addr)
+        if started is None or not booked:
+            return max(0.0, self.plugin.free_at.get(addr, now) - now)
+        mean = sum(booked.values()) / len(booked)
+        return max(0.0, started + mean - now) + (queued - slots) * mean / slots
 
     def _choose(self, request: Any, room: dict[str, int], ctx: PlacementContext,
                 now: float) -> WorkerView | None:
@@ -461,6 +480,8 @@ class Dispatcher:
                 plugin._assign(ts, rec, actual, ctx, now)
             ts.worker_restrictions = None  # Dask's choice, not a pin
         self.released[ts.key] = worker
+        if not self.in_flight.get(worker):
+            self.started_at[worker] = now
         self.in_flight[worker] = self.in_flight.get(worker, 0) + 1
         self.queue.started(ts.key, request.tenant, rec.estimate_s)
         self.releases += 1
