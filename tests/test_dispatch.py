@@ -376,3 +376,49 @@ def test_kept_output_is_pinned_when_its_graph_is_released(lb_client):
     who = c.who_has([f, sel])
     assert who[sel.key] == who[f.key] and len(who[f.key]) == 1
     wait(blockers)
+
+
+@pytest.mark.parametrize("think", [0.0, 0.03])
+def test_weights_hold_for_clients_that_wait_for_each_result(lb_client, think):
+    """Four threads per tenant, each sending its next request ``think``
+    seconds after the last one returns (an HTTP client's round trip): 8
+    requests for 4 places, so a tenant often has nothing queued for a
+    moment, and its weight must still hold."""
+    import threading
+
+    c = lb_client
+    g = plain_graph(0.04)
+    w = np.ones(N, np.float32)
+    for tenant in ("gold", "silver"):
+        c.submit_kernel_graph(g, inputs(0, w), tenant=tenant).result()  # learn the run time
+    c.kaas_set_weight("gold", 2.0)
+    done: dict[str, list[float]] = {"gold": [], "silver": []}
+    wrong = []
+    stop_at = time.monotonic() + 8.0
+
+    def loop(tenant, seed):
+        i = seed
+        while time.monotonic() < stop_at:
+            y = c.submit_kernel_graph(g, inputs(i, w), tenant=tenant).result()["y"]
+            if not np.allclose(y, 2 * i + 1):
+                wrong.append((tenant, i))
+            done[tenant].append(time.monotonic())
+            i += 8
+            time.sleep(think)
+
+    threads = [threading.Thread(target=loop, args=(t, k))
+               for k, t in enumerate(["gold", "silver"] * 4)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        c.kaas_set_weight("gold", 1.0)
+    assert not wrong
+    # Skip the first second (both tenants ramping up).
+    start = stop_at - 7.0
+    gold = sum(1 for t in done["gold"] if t >= start)
+    silver = sum(1 for t in done["silver"] if t >= start)
+    assert silver >= 20, (gold, silver)
+    assert 1.7 <= gold / silver <= 2.4, (gold, silver)

@@ -14,9 +14,13 @@ registers one MLP model per tenant over HTTP, then
    ratio next to the ratio of the weights.
 
 The fair-share ratio can only show while both tenants have requests held in
-the scheduler: with few clients per tenant, or requests too light to keep the
-workers busy, it stays nearer 1 than the weights.  The figures are printed as
-measured.
+the scheduler, so the load phase samples the scheduler's queue every 100 ms
+and reports the share of samples in which both tenants had requests waiting
+there.  The default request (an MLP on a 512 x 512 batch, hidden 4096: about
+45 ms on a CPU worker) keeps two workers busy from 8 HTTP clients; a light
+one (``--batch 32 --hidden 1024``, a few ms) leaves the workers waiting for
+the gateway and clients on a small machine, nobody is backlogged, and the
+completions follow the clients (near 1:1), as they should.
 """
 
 from __future__ import annotations
@@ -35,15 +39,41 @@ from typing import Any
 import numpy as np
 
 
+def weights_arg(text: str) -> list[float]:
+    """An argparse type: 1 to 16 comma-separated weights, each in (0, 1000]."""
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not comma-separated numbers: {text[:80]!r}") from None
+    if not 1 <= len(weights) <= 16 or not all(0 < w <= 1000 for w in weights):
+        raise argparse.ArgumentTypeError("1 to 16 weights, each > 0 and <= 1000")
+    return weights
+
+
+def seconds_arg(text: str) -> float:
+    """An argparse type: seconds in (0, 3600]."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text[:80]!r}") from None
+    if not 0 < seconds <= 3600:
+        raise argparse.ArgumentTypeError(f"{seconds} is outside (0, 3600]")
+    return seconds
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--duration", type=float, default=20.0, help="seconds of load")
-    p.add_argument("--clients", type=int, default=8, help="concurrent HTTP clients")
-    p.add_argument("--weights", default="2,1", help="tenant weights, comma-separated")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--latency-requests", type=int, default=100,
+    from .placement import count_arg
+
+    p.add_argument("--duration", type=seconds_arg, default=20.0, help="seconds of load")
+    p.add_argument("--clients", type=count_arg(1, 256), default=8,
+                   help="concurrent HTTP clients")
+    p.add_argument("--weights", type=weights_arg, default=[2.0, 1.0],
+                   help="tenant weights, comma-separated")
+    p.add_argument("--workers", type=count_arg(1, 64), default=2)
+    p.add_argument("--latency-requests", type=count_arg(1, 100_000), default=100,
                    help="single requests per path for the overhead figure")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--batch", type=count_arg(1, 65_536), default=512)
+    p.add_argument("--hidden", type=count_arg(1, 65_536), default=4096)
     p.add_argument("--json", default=None, help="write the figures here")
 
 
@@ -107,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     from ..gateway.tenants import token_digest
     from ..workloads import mlp
 
-    weights = [float(w) for w in args.weights.split(",")]
+    weights = list(args.weights)
     names = [f"t{i + 1}" for i in range(len(weights))]
     tokens = {n: f"bench-token-{n}" for n in names}
     dims = dict(batch=args.batch, d_in=512, hidden=args.hidden, d_out=128)
@@ -142,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
             inside_after = _server_latency(address)
             result["latency"]["gateway_inside_mean_ms"] = (
                 (inside_after[0] - inside[0]) / max(inside_after[1] - inside[1], 1) * 1e3)
-            result["load"] = _load(args, th, address, names, weights, tokens, models)
+            result["load"] = _load(args, th, address, names, weights, tokens, models, direct)
             result["load"]["scheduler_weights"] = {
                 n: w for n, w in direct.kaas_stats()["weights"].items() if n in names}
         finally:
@@ -190,9 +220,21 @@ def _latency(args: argparse.Namespace, th: Any, address: str, direct: Any, graph
             "direct_p99_ms": float(np.percentile(direct_s, 99)) * 1e3}
 
 
+def _held(dask_scheduler: Any) -> dict[str, int]:
+    return dask_scheduler.extensions["kaas"].dispatch.queue.backlog()
+
+
+def _sample_backlog(direct: Any, names: list[str], stop: threading.Event,
+                    samples: list[bool]) -> None:
+    """Whether every tenant had requests held in the scheduler, every 100 ms."""
+    while not stop.wait(0.1):
+        held = direct.run_on_scheduler(_held)
+        samples.append(all(held.get(n, 0) > 0 for n in names))
+
+
 def _load(args: argparse.Namespace, th: Any, address: str, names: list[str],
-          weights: list[float], tokens: dict[str, str], models: dict[str, Any]
-          ) -> dict[str, Any]:
+          weights: list[float], tokens: dict[str, str], models: dict[str, Any],
+          direct: Any) -> dict[str, Any]:
     done: dict[str, list[float]] = {n: [] for n in names}
     latencies: dict[str, list[float]] = {n: [] for n in names}
     counts = {"wrong": 0, "errors": 0}
@@ -229,12 +271,17 @@ def _load(args: argparse.Namespace, th: Any, address: str, names: list[str],
                 counts["wrong"] += not ok
 
     threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(args.clients)]
+    stop, samples = threading.Event(), []
+    sampler = threading.Thread(target=_sample_backlog, args=(direct, names, stop, samples))
     start = time.perf_counter()
     stop_at = start + args.duration
     for t in threads:
         t.start()
+    sampler.start()
     for t in threads:
         t.join()
+    stop.set()
+    sampler.join()
     # "all backlogged": every client keeps one request outstanding until the
     # load stops, so the window is the run, cut at the first tenant's last reply.
     last = [max(ts) for ts in done.values() if ts]
@@ -246,7 +293,9 @@ def _load(args: argparse.Namespace, th: Any, address: str, names: list[str],
         "weights": dict(zip(names, weights)),
         "p50_ms": {n: float(np.median(latencies[n])) * 1e3 if latencies[n] else None
                    for n in names},
-        "throughput_per_s": sum(len(v) for v in done.values()) / args.duration, **counts}
+        "throughput_per_s": sum(len(v) for v in done.values()) / args.duration,
+        "held_samples": len(samples),
+        "all_held_share": sum(samples) / len(samples) if samples else 0.0, **counts}
     if len(names) == 2 and per[names[1]]:
         out["ratio"] = per[names[0]] / per[names[1]]
         out["weight_ratio"] = weights[0] / weights[1]
@@ -271,6 +320,8 @@ def _print(r: dict[str, Any]) -> None:
     if "ratio" in load:
         print(f"  completions ratio {load['ratio']:.2f} (weights {load['weight_ratio']:.2f}) "
               f"over {load['backlogged_window_s']:.1f} s")
+    print(f"  every tenant had requests held in the scheduler in "
+          f"{100 * load['all_held_share']:.0f}% of {load['held_samples']} samples")
 
 
 def main(argv: list[str] | None = None) -> int:
