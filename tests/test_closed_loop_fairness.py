@@ -201,3 +201,25 @@ def test_no_anticipation_when_off():
     q.started(key, tenant, 0.01)
     q.finished(key, 0.01, now=0.5)
     assert q.anticipation("b", now=0.5) == (0, None)
+
+
+def test_a_finished_burst_is_not_owed_back_in_full():
+    q = DispatchQueue(anticipate_s=0.05)
+    for i in range(100):
+        q.push(f"a{i}", "a", now=0.0)
+    q.push("b0", "b", now=0.0)
+    released = []
+    for _ in range(101):
+        key, tenant = q.pop()
+        q.started(key, tenant, 0.001)
+        released.append(key)
+    for i, key in enumerate(released):
+        if key.startswith("a"):
+            q.finished(key, 0.001, now=1.0 + i * 1e-4)
+    assert q.running_tenants() == {"b"}
+    # a kept nothing out at the end: one request expected back, not 99
+    q.push("b1", "b", now=1.02)
+    q.set_weight("b", 0.01)  # b far behind a in fair order now
+    q.charge("b", 1.0)
+    reserved, _ = q.anticipation("b", now=1.02)
+    assert reserved == 1

@@ -83,6 +83,8 @@ class DispatchQueue:
         self._position: dict[str, tuple[float, int]] = {}
         #: released key -> (tenant, estimate charged at release)
         self._running: dict[Any, tuple[str, float]] = {}
+        #: tenant -> its released requests not finished yet
+        self._running_n: dict[str, int] = {}
         self._seq = itertools.count()
         #: Least virtual runtime among backlogged tenants when last seen.
         self._floor = 0.0
@@ -175,6 +177,7 @@ class DispatchQueue:
         now, so the next release already sees it."""
         self.finished(key, None)
         self._running[key] = (tenant, max(estimate_s, 0.0))
+        self._running_n[tenant] = self._running_n.get(tenant, 0) + 1
         before = self.share.of(tenant)
         self._charge(tenant, max(estimate_s, 0.0))
         self._start_tag, self._step = before, self.share.of(tenant) - before
@@ -188,9 +191,18 @@ class DispatchQueue:
         if run is None:
             return
         tenant, estimate = run
+        left = self._running_n.get(tenant, 1) - 1
+        if left > 0:
+            self._running_n[tenant] = left
+        else:
+            self._running_n.pop(tenant, None)
         if now is not None and measured_s is not None and self.anticipate_s > 0:
+            # A client waiting for this result sends one more request; a
+            # tenant expects at most one per request it still has out, plus
+            # this one (a finished burst is not owed back in full).
             exp = self._expected.pop(tenant, None)
-            self._expected[tenant] = _Expected((exp.owed if exp else 0) + 1, now)
+            owed = min((exp.owed if exp else 0) + 1, left + 1)
+            self._expected[tenant] = _Expected(owed, now)
         used = 0.0 if measured_s is None else max(float(measured_s), 0.0)
         if used != estimate:
             self._charge(tenant, used - estimate)
@@ -200,7 +212,7 @@ class DispatchQueue:
 
     def running_tenants(self) -> set[str]:
         """Tenants with released requests not finished yet."""
-        return {tenant for tenant, _ in self._running.values()}
+        return set(self._running_n)
 
     def charge(self, tenant: str, seconds: float) -> None:
         """Charge device time not tied to a released key."""
