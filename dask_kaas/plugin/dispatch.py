@@ -14,28 +14,19 @@ time (a cancelled or lost request).
 Released requests stay known here until they finish, so the estimate charged
 at release can be corrected by the device time the worker measured.
 
-Anticipation: most clients send their next request when the last one
-returns (an HTTP client, a user's loop of ``.result()``).  Between the two,
-such a tenant has nothing queued, and a work-conserving dispatcher hands
-every place that opens meanwhile to whoever has work waiting, so shares
-follow how many requests each tenant keeps outstanding, not the weights.
-So a place that opens on a worker that is still busy (a prefetch place: the
-worker idles not one moment while it stays empty) is kept, for a short
-while, for a tenant ahead in fair order whose request has just finished and
-whose next one is expected (``anticipation``).  A place on an idle worker is
-never kept.  How long to wait is learned per tenant from how long its next
-request took to come after a finished one.
+A tenant that has nothing queued but whose next request is expected soon
+can have places kept for it (``anticipation``; see ``anticipation.py``).
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-from collections import OrderedDict
 from collections.abc import Container, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from .anticipation import ExpectedReturns
 from .fairshare import FairShare
 
 
@@ -44,20 +35,6 @@ class _Backlog:
     #: (-priority, seq, key); stale when the key is gone or re-queued.
     heap: list[tuple[int, int, Any]] = field(default_factory=list)
     n: int = 0
-
-
-@dataclass
-class _Expected:
-    """Requests a tenant is expected to send again (one per finished one)."""
-
-    owed: int
-    since: float  # when the last of them finished
-
-
-#: Weight of a new sample in a tenant's mean return time.
-RETURN_EWMA = 0.2
-#: Wait at most this many times a tenant's mean return time.
-RETURN_SLACK = 2.0
 
 
 @dataclass
@@ -70,12 +47,7 @@ class _Entry:
 class DispatchQueue:
     def __init__(self, share: FairShare | None = None, anticipate_s: float = 0.0) -> None:
         self.share = share or FairShare()
-        #: Longest a prefetch place is kept for an expected request (0: never).
-        self.anticipate_s = anticipate_s
-        #: tenant -> requests expected back, oldest ``since`` first
-        self._expected: OrderedDict[str, _Expected] = OrderedDict()
-        #: tenant -> mean seconds from a finished request to its next one
-        self.return_s: dict[str, float] = {}
+        self.returns = ExpectedReturns(anticipate_s)
         self._entries: dict[Any, _Entry] = {}
         self._backlogs: dict[str, _Backlog] = {}
         #: (virtual runtime, seq, tenant), stale unless equal to _position[tenant]
@@ -102,7 +74,7 @@ class DispatchQueue:
         if key in self._entries:
             return False
         if now is not None:
-            self._returned(tenant, now)
+            self.returns.returned(tenant, now)
         seq = next(self._seq)
         self._entries[key] = _Entry(tenant, priority, seq)
         backlog = self._backlogs.get(tenant)
@@ -196,13 +168,8 @@ class DispatchQueue:
             self._running_n[tenant] = left
         else:
             self._running_n.pop(tenant, None)
-        if now is not None and measured_s is not None and self.anticipate_s > 0:
-            # A client waiting for this result sends one more request; a
-            # tenant expects at most one per request it still has out, plus
-            # this one (a finished burst is not owed back in full).
-            exp = self._expected.pop(tenant, None)
-            owed = min((exp.owed if exp else 0) + 1, left + 1)
-            self._expected[tenant] = _Expected(owed, now)
+        if now is not None and measured_s is not None:
+            self.returns.finished(tenant, now, left)
         used = 0.0 if measured_s is None else max(float(measured_s), 0.0)
         if used != estimate:
             self._charge(tenant, used - estimate)
@@ -219,6 +186,14 @@ class DispatchQueue:
         self._charge(tenant, seconds)
 
     # -- anticipation --------------------------------------------------------
+    @property
+    def anticipate_s(self) -> float:
+        return self.returns.window_s
+
+    @property
+    def return_s(self) -> dict[str, float]:
+        return self.returns.mean_s
+
     def anticipation(self, tenant: str, now: float,
                      busy_until: float | None = None) -> tuple[int, float | None]:
         """Places to keep, and until when, for tenants ahead of ``tenant`` in
@@ -226,60 +201,29 @@ class DispatchQueue:
         and every open place is on a busy worker (the first of them expected
         free at ``busy_until``).  The caller releases ``tenant``'s request
         only into a place beyond those; (0, None) when nothing is expected."""
-        if self.anticipate_s <= 0 or not self._expected:
+        if not self.returns:
             return 0, None
-        self._expire_expected(now)
         floor = self.virtual_time()
         ahead_of = self.share.of(tenant)
         reserved, until = 0, None
-        for other, exp in self._expected.items():
+        for other, exp in self.returns.waiting(now):
             if other == tenant or other in self._position:
                 continue  # queued tenants are ordered by peek already
-            end = exp.since + self.wait_s(other)
-            if end <= now or self.share.rejoin_at(other, floor) >= ahead_of:
+            if self.share.rejoin_at(other, floor) >= ahead_of:
                 continue
-            expected_at = exp.since + self.return_s.get(other, 0.0)
-            if busy_until is not None and expected_at > busy_until:
+            if busy_until is not None and exp.due > busy_until:
                 continue  # a worker would idle before it comes: no use waiting
             reserved += exp.owed
-            until = end if until is None else min(until, end)
+            until = exp.until if until is None else min(until, exp.until)
         return reserved, until
 
     def wait_s(self, tenant: str) -> float:
-        """How long after a finished request its tenant's next one is waited
-        for: twice its mean return time (all of ``anticipate_s`` until one
-        is known), at most ``anticipate_s``."""
-        mean = self.return_s.get(tenant)
-        if mean is None:
-            return self.anticipate_s
-        return min(self.anticipate_s, RETURN_SLACK * mean + 0.001)
+        return self.returns.wait_s(tenant)
 
     def forget(self, tenant: str) -> None:
         """Drop an idle tenant's fair-share and return-time state."""
         self.share.forget(tenant)
-        self.return_s.pop(tenant, None)
-        self._expected.pop(tenant, None)
-
-    def _returned(self, tenant: str, now: float) -> None:
-        exp = self._expected.get(tenant)
-        if exp is None:
-            return
-        sample = max(now - exp.since, 0.0)
-        if sample <= self.anticipate_s:
-            mean = self.return_s.get(tenant)
-            self.return_s[tenant] = sample if mean is None else (
-                mean + RETURN_EWMA * (sample - mean))
-        exp.owed -= 1
-        if exp.owed <= 0:
-            del self._expected[tenant]
-
-    def _expire_expected(self, now: float) -> None:
-        cut = now - self.anticipate_s
-        while self._expected:
-            tenant, exp = next(iter(self._expected.items()))
-            if exp.since > cut:
-                break
-            del self._expected[tenant]
+        self.returns.forget(tenant)
 
     def set_weight(self, tenant: str, weight: float) -> None:
         self.share.set_weight(tenant, weight)

@@ -39,9 +39,11 @@ from typing import TYPE_CHECKING, Any
 
 from .. import config
 from ..graph.errors import KaasError
-from .candidates import LoadIndex, candidate_workers
+from .anticipation import PlaceTimer, anticipation_s
+from .candidates import candidate_workers
 from .dispatch import DispatchQueue
-from .placement import PlacementContext, RequestCosts, WorkerView
+from .placement import PlacementContext, RequestCosts, WorkerView, worth_waiting
+from .places import WorkerPlaces
 
 if TYPE_CHECKING:
     from distributed import Scheduler
@@ -70,34 +72,6 @@ def prefetch_setting() -> int:
     return value
 
 
-#: A request waits for a busy worker, with a place open elsewhere, only to
-#: avoid a load there or to finish sooner by more than this share of its run
-#: time: estimates of a few percent apart are noise, and a tenant sitting
-#: out for them hands the open place to tenants behind it in fair order.
-WAIT_MARGIN = 0.25
-#: Longest ``kaas.anticipation`` in seconds.
-MAX_ANTICIPATION_S = 10.0
-
-
-def anticipation_s() -> float:
-    """``kaas.anticipation`` in seconds (null or 0: off)."""
-    from dask.utils import parse_timedelta
-
-    value = config.get("anticipation", 0.05)
-    if value is None:
-        return 0.0
-    try:
-        seconds = parse_timedelta(value) if isinstance(value, str) else value
-        ok = (not isinstance(seconds, bool) and isinstance(seconds, (int, float))
-              and 0 <= seconds <= MAX_ANTICIPATION_S)
-    except (ValueError, KeyError, TypeError, OverflowError):
-        ok = False
-    if not ok:
-        raise KaasError(f"kaas.anticipation must be a duration from 0 to "
-                        f"{MAX_ANTICIPATION_S:g} s (or null), got {value!r}")
-    return float(seconds)
-
-
 def dispatch_interval_s() -> float:
     """``kaas.dispatch-interval`` in seconds (null: 200 ms)."""
     from ..limits import _config_seconds
@@ -116,27 +90,14 @@ class Dispatcher:
     def __init__(self, plugin: KaasSchedulerPlugin) -> None:
         self.plugin = plugin
         self.queue = DispatchQueue(anticipate_s=anticipation_s())
-        self.index = LoadIndex()
         self.prefetch = prefetch_setting()
         self.interval_s = dispatch_interval_s()
         #: released key -> worker it went to (until it leaves processing)
         self.released: dict[Any, str] = {}
-        #: worker -> graphs in flight there
-        self.in_flight: dict[str, int] = {}
-        #: worker -> when its latest graph started, as far as the scheduler
-        #: can tell (a graph starts when the one before it ends)
-        self.started_at: dict[str, float] = {}
-        #: running worker -> graphs it may still take.  Kept exact for the
-        #: workers a release or a finished graph touches (O(1) each), and
-        #: rebuilt over all workers only by the periodic pass and when a
-        #: worker joins, so a pass costs O(released x log workers).
-        self.room: dict[str, int] = {}
-        #: The workers in ``room`` with a slot free (the rest are running
-        #: all they can and have only prefetch places open).
-        self.idle: set[str] = set()
-        self._room_stale = True
-        self._anticipation_timer: Any = None
-        self._anticipation_until = 0.0
+        #: Room on every worker, in-flight counts, expected waits.
+        self.places = WorkerPlaces(plugin, self.prefetch)
+        self.keep_timer = PlaceTimer(lambda: getattr(self.plugin.scheduler, "loop", None),
+                                     self.wake)
         self._seq = itertools.count()
         self._pass_due = False
         self.releases = 0
@@ -168,7 +129,8 @@ class Dispatcher:
         if start == "processing":
             worker = self.released.pop(key, None)
             if worker is not None:
-                self._freed(worker)
+                self.places.freed(worker)
+                self.wake()
                 ok = finish in ("memory", "erred")
                 self.queue.finished(key, measured_s() if ok else None, now=time.monotonic())
         if start == "no-worker":
@@ -186,71 +148,16 @@ class Dispatcher:
             self.queue.remove(key)
 
     def worker_added(self, address: str) -> None:
-        self._room_stale = True
+        self.places.stale = True
         self.wake()
 
     def worker_removed(self, address: str) -> None:
-        self.in_flight.pop(address, None)
-        self.started_at.pop(address, None)
-        self.room.pop(address, None)
-        self.idle.discard(address)
-        self.index.discard(address)
+        self.places.removed(address)
         for key in [k for k, w in self.released.items() if w == address]:
             # Dask released them before this hook; this is a safety net.
             del self.released[key]
             self.queue.finished(key, None)
         self.wake()
-
-    def _freed(self, worker: str) -> None:
-        n = self.in_flight.get(worker, 0) - 1
-        if n > 0:
-            self.in_flight[worker] = n
-            self.started_at[worker] = time.monotonic()
-        else:
-            self.in_flight.pop(worker, None)
-            self.started_at.pop(worker, None)
-        self._touch(worker)
-        self.wake()
-
-    def _touch(self, worker: str) -> None:
-        """Bring ``worker``'s room and its place in the load index up to date."""
-        s = self.scheduler
-        ws = s.workers.get(worker)
-        free = 0
-        if ws is not None and ws in s.running:
-            free = self.limit(ws) - self.in_flight.get(worker, 0)
-        if free > 0:
-            self.room[worker] = free
-            self.index.update(worker, self.plugin.free_at.get(worker, 0.0))
-            self._note_idle(worker, free)
-        else:
-            self.room.pop(worker, None)
-            self.idle.discard(worker)
-            self.index.discard(worker)
-
-    def _note_idle(self, worker: str, free: int) -> None:
-        """``worker`` has a free slot, not just prefetch places, when more
-        than its prefetch places are open."""
-        if free > self.prefetch_places(worker):
-            self.idle.add(worker)
-        else:
-            self.idle.discard(worker)
-
-    def prefetch_places(self, worker: str) -> int:
-        ws = self.scheduler.workers.get(worker)
-        return 0 if ws is None else self.limit(ws) // (1 + self.prefetch) * self.prefetch
-
-    def _rebuild_room(self) -> None:
-        self.room = self.open_workers()
-        self.idle = set()
-        for addr, free in self.room.items():
-            self._note_idle(addr, free)
-        for addr in self.index.members():
-            if addr not in self.room:
-                self.index.discard(addr)
-        for addr in self.room:
-            self.index.update(addr, self.plugin.free_at.get(addr, 0.0))
-        self._room_stale = False
 
     # -- release pass ------------------------------------------------------------
     def wake(self) -> None:
@@ -264,24 +171,16 @@ class Dispatcher:
         s.loop.add_callback(self.release_pass)
 
     def limit(self, ws: WorkerState) -> int:
-        """Graphs ``ws`` may have in flight.  Slots held by kernels past their
-        time limit take no new work; a broken device takes none at all (it
-        is being restarted)."""
-        st = self.plugin.worker_stats.get(ws.address, {})
-        if st.get("broken"):
-            return 0
-        slots = int(ws.resources.get(self.plugin.resource, 0) or 0) - len(st.get("overdue") or ())
-        return max(slots, 0) * (1 + self.prefetch)
+        """Graphs ``ws`` may have in flight (see WorkerPlaces.limit)."""
+        return self.places.limit(ws)
 
-    def open_workers(self) -> dict[str, int]:
-        """Running KaaS workers with room, and how much (O(workers): the
-        periodic pass and the start of a release pass use it)."""
-        room = {}
-        for ws in self.scheduler.running:
-            free = self.limit(ws) - self.in_flight.get(ws.address, 0)
-            if free > 0:
-                room[ws.address] = free
-        return room
+    @property
+    def in_flight(self) -> dict[str, int]:
+        return self.places.in_flight
+
+    @property
+    def room(self) -> dict[str, int]:
+        return self.places.room
 
     def release_pass(self, stimulus_id: str | None = None) -> int:
         """Release queued graphs while workers have room; returns how many."""
@@ -289,9 +188,9 @@ class Dispatcher:
         if not self.queue:
             return 0
         self.keep_held_alive()
-        if self._room_stale:
-            self._rebuild_room()
-        room = self.room
+        if self.places.stale:
+            self.places.rebuild()
+        room = self.places.room
         if not room:
             return 0
         stimulus_id = stimulus_id or f"kaas-release-{time.time()}"
@@ -322,7 +221,7 @@ class Dispatcher:
             if ts is None or rec is None or ts.state != "no-worker":
                 self.queue.remove(key)
                 continue
-            if not self.idle and self._keep_places(tenant, room, now):
+            if not self.places.idle and self._keep_places(tenant, room, now):
                 break
             view = self._choose(rec.request, room, ctx, now)
             if view is not None and view.address not in room:
@@ -343,7 +242,6 @@ class Dispatcher:
                     break
                 continue
             released += 1
-            self._touch(worker)
         return released
 
     def _keep_places(self, tenant: str, room: dict[str, int], now: float) -> bool:
@@ -352,7 +250,7 @@ class Dispatcher:
         worker frees (then a pass is due when the wait ends)."""
         if self.queue.anticipate_s <= 0:
             return False
-        first = self.index.least(1)
+        first = self.places.index.least(1)
         view = self._view(first[0], now) if first else None
         busy_until = now + view.wait_s if view is not None else None
         reserved, until = self.queue.anticipation(tenant, now, busy_until)
@@ -364,31 +262,11 @@ class Dispatcher:
             if spare > reserved:
                 return False
         self.anticipation_waits += 1
-        self._wake_at(until if until is not None else now)
+        self.keep_timer.at(until if until is not None else now, now)
         return True
 
-    def _wake_at(self, when: float) -> None:
-        """One timer for the end of the earliest anticipation."""
-        timer = self._anticipation_timer
-        if timer is not None and self._anticipation_until <= when:
-            return
-        s = self.plugin.scheduler
-        if s is None:
-            return
-        if timer is not None:
-            s.loop.remove_timeout(timer)
-        self._anticipation_until = when
-        delay = max(when - time.monotonic(), 0.0) + 0.0005
-        self._anticipation_timer = s.loop.call_later(delay, self._anticipation_over)
-
-    def _anticipation_over(self) -> None:
-        self._anticipation_timer = None
-        self.wake()
-
     def close(self) -> None:
-        if self._anticipation_timer is not None and self.plugin.scheduler is not None:
-            self.plugin.scheduler.loop.remove_timeout(self._anticipation_timer)
-        self._anticipation_timer = None
+        self.keep_timer.cancel()
 
     def _view(self, addr: str, now: float) -> WorkerView | None:
         s = self.scheduler
@@ -399,27 +277,9 @@ class Dispatcher:
         slots = int(ws.resources.get(plugin.resource, 0) or 0)
         st = plugin.worker_stats.get(addr, {})
         queued = self.in_flight.get(addr, 0)
-        wait = self.busy_for(addr, max(slots, 1), now) if queued else 0.0
+        wait = self.places.busy_for(addr, max(slots, 1), now) if queued else 0.0
         used = max(st.get("used_bytes", 0), plugin.directory.expected_bytes(addr))
         return WorkerView(addr, max(slots, 1), st.get("capacity_bytes"), used, wait, queued)
-
-    def busy_for(self, addr: str, slots: int, now: float) -> float:
-        """Seconds until ``addr`` can start one more graph.  With a slot free,
-        none.  Otherwise the rest of its running graph (the scheduler knows
-        when it started: when the one before it ended) and the graphs behind
-        it, a slot at a time.  Not the bookings made at release: they keep
-        the estimate of every graph ahead, so they run late or early with
-        every graph that does, and a worker that looked free by them while
-        it had graphs waiting drew requests to wait for it."""
-        queued = self.in_flight.get(addr, 0)
-        if queued < slots:
-            return 0.0
-        started = self.started_at.get(addr)
-        booked = self.plugin.book.queues.get(addr)
-        if started is None or not booked:
-            return max(0.0, self.plugin.free_at.get(addr, now) - now)
-        mean = sum(booked.values()) / len(booked)
-        return max(0.0, started + mean - now) + (queued - slots) * mean / slots
 
     def _choose(self, request: Any, room: dict[str, int], ctx: PlacementContext,
                 now: float) -> WorkerView | None:
@@ -429,7 +289,8 @@ class Dispatcher:
         if not policy.pins:
             return None
         if policy.name == "affinity":
-            addrs = candidate_workers(request, self.plugin.directory, self.index, ctx.who_has)
+            addrs = candidate_workers(request, self.plugin.directory, self.places.index,
+                                      ctx.who_has)
             # Busy holders of its buffers compete too, with their wait.
             for i in request.inputs:
                 if i.buffer_id is not None:
@@ -480,9 +341,7 @@ class Dispatcher:
                 plugin._assign(ts, rec, actual, ctx, now)
             ts.worker_restrictions = None  # Dask's choice, not a pin
         self.released[ts.key] = worker
-        if not self.in_flight.get(worker):
-            self.started_at[worker] = now
-        self.in_flight[worker] = self.in_flight.get(worker, 0) + 1
+        self.places.took(worker, now)
         self.queue.started(ts.key, request.tenant, rec.estimate_s)
         self.releases += 1
         plugin.decisions.append({
@@ -504,7 +363,7 @@ class Dispatcher:
         if self.plugin.scheduler is None:
             return
         self.keep_held_alive()
-        self._room_stale = True  # paused, resumed, overdue: no hook says so
+        self.places.stale = True  # paused, resumed, overdue: no hook says so
         if self.queue:
             self.release_pass("kaas-release-periodic")
 
@@ -539,22 +398,6 @@ class Dispatcher:
                       "anticipation_waits": self.anticipation_waits,
                       "anticipation_s": self.queue.anticipate_s})
         return state
-
-
-def worth_waiting(costs: RequestCosts, busy: WorkerView, open_: WorkerView) -> bool:
-    """Whether a request should wait for ``busy`` rather than take a place
-    on ``open_`` now: it would load or fetch less there, or finish sooner by
-    more than WAIT_MARGIN of its run time."""
-    on_busy, on_open = costs.terms(busy), costs.terms(open_)
-    if movement(on_busy) < movement(on_open):
-        return True
-    gain = sum(on_open.values()) - sum(on_busy.values())
-    return gain > WAIT_MARGIN * costs.run_s
-
-
-def movement(terms: dict[str, float]) -> float:
-    """Seconds of data movement in a placement's expected completion."""
-    return terms["load"] + terms["backlog_delay"] + terms["fetch"]
 
 
 def _hold(ts: TaskState) -> None:

@@ -251,6 +251,29 @@ class RequestCosts:
         return self.run_s if e is None else e.value + self.costs.dispatch.value
 
 
+#: A request waits for a busy worker, with a place open elsewhere, only to
+#: avoid a load there or to finish sooner by more than this share of its run
+#: time: estimates a few percent apart are noise, and a tenant sitting out
+#: for them hands the open place to tenants behind it in fair order.
+WAIT_MARGIN = 0.25
+
+
+def worth_waiting(costs: RequestCosts, busy: WorkerView, open_: WorkerView) -> bool:
+    """Whether a request should wait for ``busy`` rather than take a place
+    on ``open_`` now: it would load or fetch less there, or finish sooner by
+    more than WAIT_MARGIN of its run time."""
+    on_busy, on_open = costs.terms(busy), costs.terms(open_)
+    if _movement(on_busy) < _movement(on_open):
+        return True
+    gain = sum(on_open.values()) - sum(on_busy.values())
+    return gain > WAIT_MARGIN * costs.run_s
+
+
+def _movement(terms: dict[str, float]) -> float:
+    """Seconds of data movement in a placement's expected completion."""
+    return terms["load"] + terms["backlog_delay"] + terms["fetch"]
+
+
 def completion_terms(request: GraphRequest, w: WorkerView, ctx: PlacementContext,
                      ready_in_s: float | None = None) -> dict[str, float]:
     """The parts of the expected completion time on ``w``, in seconds."""
