@@ -108,13 +108,20 @@ def inputs(i, w):
     return {"x": np.full(N, i, np.float32), "w": w}
 
 
-def test_flood_of_separate_submissions_keeps_one_plus_prefetch_per_worker(lb_client):
+@pytest.mark.parametrize("policy", ["affinity", "dask", "round_robin"])
+def test_flood_of_separate_submissions_keeps_one_plus_prefetch_per_worker(lb_client, policy):
     c = lb_client
     g = plain_graph(0.002)
     w = np.ones(N, np.float32)
-    futs = [c.submit_kernel_graph(g, inputs(i, w), tenant=f"t{i % 3}") for i in range(300)]
-    for i, f in enumerate(futs):
-        np.testing.assert_allclose(f.result()["y"], 2 * i + 1)
+    c.run_on_scheduler(lambda dask_scheduler: dask_scheduler.plugins[
+        InFlightObserver.name].peak.clear())
+    c.kaas_set_policy(policy)
+    try:
+        futs = [c.submit_kernel_graph(g, inputs(i, w), tenant=f"t{i % 3}") for i in range(300)]
+        for i, f in enumerate(futs):
+            np.testing.assert_allclose(f.result()["y"], 2 * i + 1)
+    finally:
+        c.kaas_set_policy("affinity")
     peak = peak_in_flight(c)
     assert len(peak) == 2 and max(peak.values()) <= 2, peak  # slots x (1 + prefetch)
     state = dispatch_state(c)

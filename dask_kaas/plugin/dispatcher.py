@@ -231,7 +231,7 @@ class Dispatcher:
                 excluded.add(tenant)
                 continue
             self.queue.remove(key)
-            worker = self._release(ts, rec, view, ctx, now, stimulus_id)
+            worker = self._release(ts, rec, view, ctx, now, stimulus_id, room)
             if worker is None:
                 # Dask would not take it there (a restriction no worker
                 # meets, a worker on its way out): it waits for the next
@@ -318,16 +318,19 @@ class Dispatcher:
         return alt
 
     def _release(self, ts: TaskState, rec: Any, view: WorkerView | None,
-                 ctx: PlacementContext, now: float, stimulus_id: str) -> str | None:
-        """Send one held graph to ``view`` (None: wherever Dask puts it);
-        returns the worker, or None with the task held again."""
+                 ctx: PlacementContext, now: float, stimulus_id: str,
+                 room: dict[str, int]) -> str | None:
+        """Send one held graph to ``view`` (None: wherever Dask puts it among
+        the workers with ``room``, so the in-flight bound holds for Dask's
+        own placement too); returns the worker, or None with the task held
+        again."""
         s = self.scheduler
         plugin = self.plugin
         request = rec.request
         if view is not None:
             plugin._assign(ts, rec, view, ctx, now)
         else:
-            ts.worker_restrictions = None
+            ts.worker_restrictions = set(room)
         ts.priority = (-request.priority, 0, next(self._seq))
         s.transitions({ts.key: "processing"}, stimulus_id)
         if ts.state != "processing" or ts.processing_on is None:
