@@ -135,6 +135,25 @@ def test_tenant_cannot_submit_as_another(clients):
     assert "bob" not in tenants and "default" not in tenants
 
 
+def test_a_tenant_sees_only_its_own_statistics(clients):
+    alice, bob, ops = clients["alice"], clients["bob"], clients["ops"]
+    np.testing.assert_array_equal(
+        bob.submit_kernel_graph(graph(), {"x": X}).result(timeout=60)["y"], np.maximum(X, 0))
+    alice.submit_kernel_graph(graph(), {"x": X}).result(timeout=60)
+    bob.kaas_set_weight("bob", 3.0)
+    mine = alice.kaas_stats()
+    assert set(mine["tenants"]) == {"alice"} and mine["tenants"]["alice"]["graphs_run"] >= 1
+    assert "bob" not in mine["weights"]
+    assert set(mine["dispatch"]["vruntime"]) <= {"alice"}
+    assert set(mine["dispatch"]["backlog"]) <= {"alice"}
+    assert mine["workers"]  # the cluster's own figures stay visible
+    everyone = ops.kaas_stats()
+    assert {"alice", "bob"} <= set(everyone["tenants"]) and everyone["weights"]["bob"] == 3.0
+    with pytest.raises(AccessDeniedError, match="kaas_state is an operator action"):
+        alice.kaas_state()
+    assert "resident" in ops.kaas_state()
+
+
 @pytest.mark.parametrize("value", [5, [None], {"ops": True}])
 def test_a_malformed_operators_setting_lets_nobody_in(clients, value):
     with dask.config.set({"kaas.operators": value}):

@@ -11,9 +11,11 @@ certificate is its identity:
   tenant is refused (``"default"``, the tenant of a call that names none,
   means the identity), unless the caller is an operator (a gateway
   submitting for its tenants);
-* cluster-wide actions (``kaas_set_policy``, ``kaas_clear_caches``) and
-  setting another tenant's weight need an identity listed in
-  ``kaas.operators``.
+* cluster-wide actions (``kaas_set_policy``, ``kaas_clear_caches``,
+  ``kaas_state``) and setting another tenant's weight need an identity
+  listed in ``kaas.operators``;
+* ``kaas_stats`` shows a tenant its own figures and the cluster's, not
+  other tenants' (``own_view``).
 
 A refused request fails like any other task (its task is replaced by one
 that raises the refusal), so the client receives the KaasError from
@@ -97,6 +99,23 @@ def require_operator(comm: Any, action: str) -> None:
     if not caller.operator:
         raise AccessDeniedError(f"{action} is an operator action and {caller.describe()} is "
                                 f"not listed in kaas.operators")
+
+
+def own_view(stats: dict[str, Any], tenant: str | None) -> dict[str, Any]:
+    """``stats`` with every per-tenant table cut down to ``tenant``."""
+    def mine(table: Any) -> Any:
+        return {k: v for k, v in table.items() if k == tenant} if isinstance(table, dict) \
+            else table
+
+    view = dict(stats)
+    view["tenants"] = mine(stats.get("tenants", {}))
+    view["weights"] = mine(stats.get("weights", {}))
+    dispatch = dict(stats.get("dispatch") or {})
+    for name in ("backlog", "vruntime", "weights"):
+        if name in dispatch:
+            dispatch[name] = mine(dispatch[name])
+    view["dispatch"] = dispatch
+    return view
 
 
 def tenant_for(caller: Caller, declared: Any, what: str) -> str:

@@ -64,9 +64,13 @@ class HandlersMixin(_Base):
             if isinstance(reply, dict) and reply.get("stats"):
                 self.worker_stats[addr] = reply["stats"]
 
-    async def handle_stats(self) -> dict[str, Any]:
+    async def handle_stats(self, comm: Any = None) -> dict[str, Any]:
+        """Statistics; under TLS a tenant sees only its own tenant's figures
+        (and the cluster's), an operator everyone's."""
         await self.refresh_worker_stats()
-        return self.stats()
+        caller = access.caller_of(comm)
+        stats = self.stats()
+        return stats if caller.operator else access.own_view(stats, caller.identity)
 
     def handle_info(self) -> dict[str, Any]:
         return {"policy": self.policy.name, "resource": self.resource,
@@ -99,7 +103,10 @@ class HandlersMixin(_Base):
         assert s is not None
         return await s.broadcast(msg={"op": "kaas_worker_clear"})
 
-    async def handle_state(self) -> dict[str, Any]:
+    async def handle_state(self, comm: Any = None) -> dict[str, Any]:
+        """The dashboard's full state (every tenant's decisions); under TLS
+        an operator action."""
+        access.require_operator(comm, "kaas_state")
         await self.refresh_worker_stats()
         state = self.stats()
         state["resident"] = self.directory.snapshot()
