@@ -39,3 +39,11 @@ def test_bad_arguments_are_refused_with_a_usage_error(args):
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and args[0] in p.stderr, p.stderr[-2000:]
     assert "Traceback" not in p.stderr
+
+
+def test_non_utf8_arguments_are_refused_with_a_usage_error():
+    for args in ([b"--weights", b"\xff,1"], [b"--duration", b"\xfe"], [b"--clients", b"\xff"]):
+        p = subprocess.run([sys.executable.encode(), b"-m", b"dask_kaas.cli", b"bench-gateway",
+                            *args], capture_output=True, timeout=60)
+        assert p.returncode == 2 and args[0] in p.stderr, p.stderr[-2000:]
+        assert b"Traceback" not in p.stderr

@@ -178,9 +178,9 @@ def test_anticipation_counts_expected_requests_of_tenants_ahead_only():
     assert q.anticipation("a", now=1.001) == (0, None)  # b is behind a: nothing kept for it
     q.push("a1", "a", now=1.01)  # a's request came back 10 ms later
     assert q.anticipation("b", now=1.011) == (0, None)  # it is queued: peek orders it
-    assert q.return_s["a"] == pytest.approx(0.01)
+    assert q.returns.mean_s["a"] == pytest.approx(0.01)
     # the next wait is learned: twice 10 ms (+1 ms), not all 50 ms
-    assert q.wait_s("a") == pytest.approx(0.021)
+    assert q.returns.wait_s("a") == pytest.approx(0.021)
     key, tenant = q.pop()
     assert tenant == "a"
     q.started(key, tenant, 0.01)
@@ -190,7 +190,7 @@ def test_anticipation_counts_expected_requests_of_tenants_ahead_only():
     assert q.anticipation("b", now=2.001, busy_until=2.005) == (0, None)
     assert q.anticipation("b", now=2.03) == (0, None)  # waited long enough
     q.forget("a")
-    assert "a" not in q.return_s and q.share.of("a") == 0.0
+    assert "a" not in q.returns.mean_s and q.share.of("a") == 0.0
 
 
 def test_no_anticipation_when_off():

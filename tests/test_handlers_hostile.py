@@ -125,3 +125,21 @@ def test_state_encoding_is_strict_json_whatever_the_state():
     back = json.loads(encode(state), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
     assert back["tenants"] == {"5": {"p50": None}, "('a', 'b')": {"p99": None}}
     assert sorted(back["resident"]["w"]) == ["x", "y"] and back["obj"].startswith("<object")
+
+
+@pytest.mark.parametrize("identity", [None, "alice", "bob\udcff", "", "x" * 10_000])
+def test_own_view_shows_a_tenant_nothing_of_another_whatever_the_names(identity):
+    from dask_kaas.plugin.access import own_view
+
+    stats = {"tenants": {"alice": {"graphs_run": 1}, "bob\udcff": {"graphs_run": 2},
+                         "x" * 10_000: {}},
+             "weights": {"alice": 2.0, "mallory": 3.0},
+             "workers": {"tcp://127.0.0.1:1": {"hits": 5}},
+             "dispatch": {"backlog": {"alice": 1, "bob\udcff": 4}, "vruntime": "garbage",
+                          "weights": None, "releases": 7}}
+    view = own_view(stats, identity)
+    for table in (view["tenants"], view["weights"], view["dispatch"]["backlog"]):
+        assert set(table) <= {identity}
+    assert view["workers"] == stats["workers"] and view["dispatch"]["releases"] == 7
+    assert view["dispatch"]["vruntime"] == "garbage"  # not a table: nothing to cut
+    assert stats["tenants"]["alice"] == {"graphs_run": 1}  # the original is left whole

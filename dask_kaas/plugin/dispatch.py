@@ -190,10 +190,6 @@ class DispatchQueue:
     def anticipate_s(self) -> float:
         return self.returns.window_s
 
-    @property
-    def return_s(self) -> dict[str, float]:
-        return self.returns.mean_s
-
     def anticipation(self, tenant: str, now: float,
                      busy_until: float | None = None) -> tuple[int, float | None]:
         """Places to keep, and until when, for tenants ahead of ``tenant`` in
@@ -216,9 +212,6 @@ class DispatchQueue:
             reserved += exp.owed
             until = exp.until if until is None else min(until, exp.until)
         return reserved, until
-
-    def wait_s(self, tenant: str) -> float:
-        return self.returns.wait_s(tenant)
 
     def forget(self, tenant: str) -> None:
         """Drop an idle tenant's fair-share and return-time state."""

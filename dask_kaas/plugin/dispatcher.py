@@ -37,13 +37,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .. import config
 from ..graph.errors import KaasError
 from .anticipation import PlaceTimer, anticipation_s
 from .candidates import candidate_workers
 from .dispatch import DispatchQueue
 from .placement import PlacementContext, RequestCosts, WorkerView, worth_waiting
-from .places import WorkerPlaces
+from .places import WorkerPlaces, prefetch_setting
 
 if TYPE_CHECKING:
     from distributed import Scheduler
@@ -57,19 +56,8 @@ logger = logging.getLogger(__name__)
 HOLD = "kaas-hold://held"
 #: A release pass stops after this many graphs Dask would not take.
 MAX_FAILED_PER_PASS = 8
-#: Largest ``kaas.prefetch`` (graphs per slot beyond the running ones).
-MAX_PREFETCH = 64
 #: Bounds of ``kaas.dispatch-interval`` in seconds.
 INTERVAL_RANGE = (0.001, 60.0)
-
-
-def prefetch_setting() -> int:
-    """``kaas.prefetch``: an integer from 0 to MAX_PREFETCH."""
-    value = config.get("prefetch", 1)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_PREFETCH:
-        raise KaasError(f"kaas.prefetch must be an integer from 0 to {MAX_PREFETCH}, "
-                        f"got {value!r}")
-    return value
 
 
 def dispatch_interval_s() -> float:
@@ -90,12 +78,11 @@ class Dispatcher:
     def __init__(self, plugin: KaasSchedulerPlugin) -> None:
         self.plugin = plugin
         self.queue = DispatchQueue(anticipate_s=anticipation_s())
-        self.prefetch = prefetch_setting()
         self.interval_s = dispatch_interval_s()
         #: released key -> worker it went to (until it leaves processing)
         self.released: dict[Any, str] = {}
         #: Room on every worker, in-flight counts, expected waits.
-        self.places = WorkerPlaces(plugin, self.prefetch)
+        self.places = WorkerPlaces(plugin, prefetch_setting())
         self.keep_timer = PlaceTimer(lambda: getattr(self.plugin.scheduler, "loop", None),
                                      self.wake)
         self._seq = itertools.count()
@@ -175,12 +162,8 @@ class Dispatcher:
         return self.places.limit(ws)
 
     @property
-    def in_flight(self) -> dict[str, int]:
-        return self.places.in_flight
-
-    @property
-    def room(self) -> dict[str, int]:
-        return self.places.room
+    def prefetch(self) -> int:
+        return self.places.prefetch
 
     def release_pass(self, stimulus_id: str | None = None) -> int:
         """Release queued graphs while workers have room; returns how many."""
@@ -248,7 +231,7 @@ class Dispatcher:
         """Whether the open places, all on busy workers, are kept for
         tenants ahead of ``tenant`` whose next request is expected before a
         worker frees (then a pass is due when the wait ends)."""
-        if self.queue.anticipate_s <= 0:
+        if not self.queue.returns:  # off, or nobody's request is expected
             return False
         first = self.places.index.least(1)
         view = self._view(first[0], now) if first else None
@@ -276,7 +259,7 @@ class Dispatcher:
         plugin = self.plugin
         slots = int(ws.resources.get(plugin.resource, 0) or 0)
         st = plugin.worker_stats.get(addr, {})
-        queued = self.in_flight.get(addr, 0)
+        queued = self.places.in_flight.get(addr, 0)
         wait = self.places.busy_for(addr, max(slots, 1), now) if queued else 0.0
         used = max(st.get("used_bytes", 0), plugin.directory.expected_bytes(addr))
         return WorkerView(addr, max(slots, 1), st.get("capacity_bytes"), used, wait, queued)
@@ -394,7 +377,7 @@ class Dispatcher:
 
     def snapshot(self) -> dict[str, Any]:
         state = self.queue.snapshot()
-        state.update({"in_flight": dict(self.in_flight), "room": dict(self.room),
+        state.update({"in_flight": dict(self.places.in_flight), "room": dict(self.places.room),
                       "prefetch": self.prefetch,
                       "releases": self.releases, "failed_releases": self.failed_releases,
                       "waits_for_holder": self.waits_for_holder,

@@ -15,12 +15,25 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from .. import config
+from ..graph.errors import KaasError
 from .candidates import LoadIndex
 
 if TYPE_CHECKING:
     from distributed.scheduler import WorkerState
 
     from .scheduler import KaasSchedulerPlugin
+
+
+#: Largest ``kaas.prefetch`` (graphs per slot beyond the running ones).
+MAX_PREFETCH = 64
+def prefetch_setting() -> int:
+    """``kaas.prefetch``: an integer from 0 to MAX_PREFETCH."""
+    value = config.get("prefetch", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_PREFETCH:
+        raise KaasError(f"kaas.prefetch must be an integer from 0 to {MAX_PREFETCH}, "
+                        f"got {value!r}")
+    return value
 
 
 class WorkerPlaces:

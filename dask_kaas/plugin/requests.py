@@ -198,7 +198,7 @@ class RequestBook:
 
     def _share_names(self) -> set[str]:
         share = self.queue.share
-        return share.vruntime.keys() | share.weights.keys() | self.queue.return_s.keys()
+        return share.vruntime.keys() | share.weights.keys() | self.queue.returns.mean_s.keys()
 
     def sizes(self) -> dict[str, int]:
         """Entries held by every table (what the memory tests watch)."""
