@@ -11,17 +11,15 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import dask
 import numpy as np
-from dask.base import tokenize
 from distributed import Client, Future, default_client
 
 from . import checks, config
-from .consts import ConstRegistry
+from .consts import ConstRegistry, content_token
 from .device.handles import DeviceArray
 from .graph.buffers import BufferKind
 from .graph.errors import (
@@ -96,7 +94,6 @@ class _ClientState:
         self.lock = threading.Lock()
         self.consts = ConstRegistry(client, self.candidates)
         self.resender = Resender(client, self.consts, _submit_requests)
-        self.tokens: dict[int, tuple[weakref.ref, str]] = {}
 
     def ensure(self) -> None:
         """Install the plugins (once) and wait until workers report."""
@@ -145,25 +142,11 @@ class _ClientState:
                     if w.get("capacity_bytes")]
         return max(caps) if caps else None
 
-    def token(self, arr: np.ndarray) -> str:
-        """Content hash of a const array, computed once per array object
-        (a const is promised never to change)."""
-        entry = self.tokens.get(id(arr))
-        if entry is not None and entry[0]() is arr:
-            return entry[1]
-        tok = tokenize(arr)
-        try:
-            ref = weakref.ref(arr, lambda _, i=id(arr): self.tokens.pop(i, None))
-            self.tokens[id(arr)] = (ref, tok)
-        except TypeError:
-            pass
-        return tok
-
     def const_future(self, arr: np.ndarray) -> Future:
         """The cluster copy of a const array, scattered once and found again by
         content, replicated on two workers so losing one does not lose it
         (and sent again by this client if both go: see dask_kaas.consts)."""
-        return self.consts.future(self.token(arr), arr)
+        return self.consts.future(content_token(arr), arr)
 
     def track(self, futures: list[KernelGraphFuture], graph: KernelGraph,
               requests: list[GraphRequest], columns: list[list[Any]], keep: list[str],

@@ -1,8 +1,11 @@
 """ConstRegistry: the const arrays one client has on its cluster.
 
 A const is scattered once and found again by content (its Dask key is
-``kaas-const-<token>``, which is also its device-cache identity).  Two things
-bound what the client keeps:
+``kaas-const-<token>``, which is also its device-cache identity).  The token
+is taken from the array's *logical* content at every submission
+(:func:`content_token`): a transpose or another memory order of the same bytes
+is another const, and an array changed in place since its last submission is
+sent again under its new content.  Two things bound what the client keeps:
 
 * an entry is *in use* while a live request future of this client needs it:
   then the registry holds the cluster copy and the array itself, so that a
@@ -35,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import xxhash
 from dask.utils import parse_bytes
 from distributed import Client, Future
 
@@ -53,6 +57,25 @@ RELEASED_KEPT = 4096
 
 def const_key(token: str) -> str:
     return f"kaas-const-{token}"
+
+
+def content_token(arr: np.ndarray) -> str:
+    """The identity of a const: its dtype, shape and elements in logical
+    (C) order.
+
+    Hashing memory as it lies would give a square ``W`` and ``W.T`` (or a
+    Fortran-ordered array whose memory equals another's C-ordered one) one
+    identity, and so one cached copy.  XXH3 reads several GB/s, so this is
+    taken at every submission rather than cached per array object: an array
+    changed in place is never served stale.
+    """
+    arr = np.asarray(arr)
+    h = xxhash.xxh3_128()
+    h.update(f"{arr.dtype.str}|{arr.shape}|".encode())
+    if arr.dtype.hasobject:  # refused by validation before it gets here
+        raise KaasError("a const array cannot hold Python objects")
+    h.update(memoryview(np.ascontiguousarray(arr)).cast("B"))
+    return h.hexdigest()
 
 
 def cache_budget() -> int:
@@ -146,7 +169,9 @@ class ConstRegistry:
 
     def resend(self, token: str) -> Future | None:
         """The const again, scattered anew if the cluster lost every copy;
-        None if this client no longer has the array."""
+        None if this client no longer has the array as it was submitted
+        (dropped, or changed in place since: sending it under the old
+        content's key would compute with other weights)."""
         with self.lock:
             e = self.entries.get(token)
             if e is None or e.array is None:
@@ -154,6 +179,8 @@ class ConstRegistry:
             fut, arr = e.future, e.array
         if fut is not None and fut.status not in GONE:
             return fut
+        if content_token(arr) != token:
+            return None
         fut = self._scatter(e.key, arr)
         with self.lock:
             e.future = fut

@@ -19,6 +19,7 @@ from distributed import as_completed, wait
 
 from dask_kaas import KaasClient, KaasError, Kernel, KernelGraph, LocalKaasCluster, Out
 from dask_kaas.client import _state
+from dask_kaas.consts import content_token
 
 N = 32 * 1024  # 128 KiB of float32
 
@@ -106,7 +107,7 @@ def test_registry_idle_bytes_bounded_in_use_kept(cc):
         # The most recently used stay; the program still has every array, so
         # an evicted one is simply sent again.
         kept = set(reg.entries)
-        assert kept == {_state(c).token(w) for w in ws[-4:]}
+        assert kept == {content_token(w) for w in ws[-4:]}
         y = c.submit_kernel_graph(g, {"x": x, "w": ws[0]}).result()["y"]
         np.testing.assert_allclose(y, 2 * x + ws[0])
     assert eventually(lambda: len(cluster_consts(c)) <= 5), cluster_consts(c)

@@ -185,6 +185,12 @@ class DeviceCache:
         DeviceOutOfMemoryError when the request could never fit.
         """
         res = Reservation()
+        # One pin and one load per identity: two buffers of a graph may hold
+        # the same content (two zero biases share a const key).
+        unique: dict[str, Load] = {}
+        for ld in loads:
+            unique.setdefault(ld.buffer_id, ld)
+        loads = list(unique.values())
         sizes = {ld.buffer_id: self.backend.alloc_size(ld.nbytes) for ld in loads}
         private = int(private_bytes)
         deadline = time.monotonic() + self.wait_timeout

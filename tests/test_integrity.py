@@ -1,0 +1,198 @@
+"""Every answer right: const identity and the cache under equal consts.
+
+Issue 16, items 1-3: a const and its transpose (or any array with the same
+bytes in another order) must not share a cache identity; a const changed in
+place must not be served stale; two const buffers of one graph with equal
+contents share one key and must be pinned and loaded once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dask_kaas import KaasClient, Kernel, KernelGraph, LocalKaasCluster, Out
+from dask_kaas.client import _state
+from dask_kaas.consts import content_token
+from dask_kaas.device.backend import make_backend
+from dask_kaas.device.cache import DeviceCache, Load
+from dask_kaas.device.runtime import Identities, WorkerRuntime
+from dask_kaas.request import GraphRequest, InputRef
+
+
+def matmul_graph(n: int = 4) -> KernelGraph:
+    g = KernelGraph("mm")
+    x = g.input("x", (n, n), np.float64)
+    w = g.const("w", (n, n), np.float64)
+    y = g.output("y", (n, n), np.float64)
+    g.launch(Kernel.library("gemm"), [x, w, Out(y)])
+    return g
+
+
+def two_bias_graph(n: int = 64) -> KernelGraph:
+    g = KernelGraph("biases")
+    x = g.input("x", (n,), np.float32)
+    b1 = g.const("b1", (n,), np.float32)
+    b2 = g.const("b2", (n,), np.float32)
+    h = g.temp("h", (n,), np.float32)
+    y = g.output("y", (n,), np.float32)
+    g.launch(Kernel.library("add"), [x, b1, Out(h)])
+    g.launch(Kernel.library("add"), [h, b2, Out(y)])
+    return g
+
+
+# -- item 1: identity follows the logical content, not the memory -------------
+
+def test_token_tells_a_square_const_from_its_transpose():
+    w = np.arange(16, dtype=np.float64).reshape(4, 4)
+    assert content_token(w) != content_token(w.T)
+    assert content_token(w) != content_token(np.asfortranarray(w).T)
+    # the same logical content in another memory order is the same const
+    assert content_token(w) == content_token(np.asfortranarray(w))
+    sym = w + w.T
+    assert content_token(sym) == content_token(sym.T)
+
+
+@pytest.mark.parametrize("make", [
+    lambda w: w.transpose(1, 0, 2),
+    lambda w: w.transpose(2, 1, 0),
+    lambda w: np.flip(w, 0),
+    lambda w: w.view(np.int64),
+    lambda w: w.reshape(4, 2, 4) if w.size == 32 else w,
+])
+def test_token_differs_for_other_contents_with_the_same_bytes(make):
+    w = np.arange(32, dtype=np.float64).reshape(2, 4, 4)
+    other = make(w)
+    same = other.shape == w.shape and other.dtype == w.dtype and np.array_equal(other, w)
+    assert (content_token(other) == content_token(w)) == same
+
+
+def test_transposed_const_computes_with_its_own_values(cc):
+    client = cc
+    g = matmul_graph()
+    rng = np.random.default_rng(0)
+    x = rng.random((4, 4))
+    w = rng.random((4, 4))
+    for weights in (w, w.T, np.asfortranarray(w), np.asfortranarray(w).T):
+        out = client.submit_kernel_graph(g, {"x": x, "w": weights}).result()["y"]
+        np.testing.assert_allclose(out, x @ weights)
+
+
+def test_two_clients_never_share_weights_of_other_contents(kaas_cluster):
+    g = matmul_graph()
+    rng = np.random.default_rng(1)
+    x = rng.random((4, 4))
+    w = rng.random((4, 4))
+    with KaasClient(kaas_cluster) as a, KaasClient(kaas_cluster) as b:
+        ya = a.submit_kernel_graph(g, {"x": x, "w": w}, tenant="a").result()["y"]
+        yb = b.submit_kernel_graph(g, {"x": x, "w": np.asfortranarray(w.T)},
+                                   tenant="b").result()["y"]
+    np.testing.assert_allclose(ya, x @ w)
+    np.testing.assert_allclose(yb, x @ w.T)
+
+
+# -- item 2: a const changed in place is sent as it is at submission ----------
+
+def test_const_changed_in_place_is_not_stale(cc):
+    g = matmul_graph()
+    x = np.eye(4)
+    w = np.arange(16, dtype=np.float64).reshape(4, 4)
+    first = cc.submit_kernel_graph(g, {"x": x, "w": w}).result()["y"]
+    np.testing.assert_allclose(first, w)
+    w[:] = 5.0
+    second = cc.submit_kernel_graph(g, {"x": x, "w": w}).result()["y"]
+    np.testing.assert_allclose(second, np.full((4, 4), 5.0))
+    w[1, 2] = -1.0  # one element
+    third = cc.submit_kernel_graph(g, {"x": x, "w": w}).result()["y"]
+    np.testing.assert_allclose(third, w)
+
+
+def test_resend_refuses_a_const_changed_since_its_submission(cc):
+    """The registry keeps the array to send it again if every replica dies;
+    an array changed since would be sent under the old content's key."""
+    g = matmul_graph()
+    w = np.arange(16, dtype=np.float64).reshape(4, 4)
+    fut = cc.submit_kernel_graph(g, {"x": np.eye(4), "w": w})
+    fut.result()
+    reg = _state(cc).consts
+    token = content_token(w)
+    assert reg.has_array(token)
+    w[0, 0] = 99.0
+    with reg.lock:
+        reg.entries[token].future = None  # as if every replica had died
+    assert reg.resend(token) is None
+    del fut
+
+
+# -- item 3: equal consts in one graph are pinned and loaded once -------------
+
+def test_cache_pins_and_loads_one_identity_once():
+    cache = DeviceCache(make_backend("cpu"), 4096)
+    arr = np.zeros(64)
+    loads = [Load("same", arr.nbytes, lambda: arr, const=True)] * 2
+    for _ in range(5):
+        res = cache.reserve(loads, 0)
+        assert res.misses + res.hits == 1
+        cache.release(res)
+    snap = cache.snapshot()
+    assert snap["used_bytes"] == snap["cached_bytes"] == arr.nbytes
+    assert snap["entries"] == 1 and snap["misses"] == 1 and snap["hits"] == 4
+    cache.clear()
+    assert cache.snapshot()["used_bytes"] == 0 and "same" not in cache
+    # and it can be evicted for something else
+    res = cache.reserve(loads, 0)
+    cache.release(res)
+    cache.release(cache.reserve([Load("big", 4096, lambda: np.zeros(512))], 0))
+    assert "same" not in cache and cache.snapshot()["used_bytes"] == 4096
+
+
+def test_runtime_with_two_equal_consts_keeps_the_cache_sound():
+    g = two_bias_graph()
+    rt = WorkerRuntime(make_backend("cpu"), 64 * 4 * 8)
+    zeros = np.zeros(64, np.float32)
+    for i in range(6):
+        x = np.full(64, float(i), np.float32)
+        req = GraphRequest(f"k{i}", "biases", "t", [
+            InputRef("x", x.nbytes, None),
+            InputRef("b1", zeros.nbytes, "zkey", const=True),
+            InputRef("b2", zeros.nbytes, "zkey", const=True)])
+        out, _ = rt.run(g, req, [x, zeros, zeros], Identities([None, "zkey", "zkey"]))
+        np.testing.assert_array_equal(out["y"], x)
+    snap = rt.cache.snapshot()
+    assert snap["entries"] == 1 and snap["used_bytes"] == zeros.nbytes
+    assert snap["private_bytes"] == 0
+    rt.cache.clear()
+    assert rt.cache.snapshot()["used_bytes"] == 0
+
+
+def test_two_zero_biases_through_the_cluster(cc):
+    g = two_bias_graph()
+    cc.kaas_clear_caches()
+    b1 = np.zeros(64, np.float32)  # two arrays, one content: one Dask key
+    b2 = np.zeros(64, np.float32)
+    for i in range(8):
+        x = np.full(64, float(i), np.float32)
+        y = cc.submit_kernel_graph(g, {"x": x, "b1": b1, "b2": b2}).result()["y"]
+        np.testing.assert_array_equal(y, x)
+    workers = cc.kaas_stats()["workers"]
+    assert sum(w["misses"] for w in workers.values()) >= 1
+    for w in workers.values():
+        # one entry of 256 bytes where the zeros were loaded, counted once
+        assert w["cached_bytes"] == w["used_bytes"] == 256 * w["entries"]
+        assert w["entries"] <= 1 and w["private_bytes"] == 0
+    cc.kaas_clear_caches()
+    for w in cc.kaas_stats()["workers"].values():
+        assert w["used_bytes"] == 0 and w["entries"] == 0
+
+
+@pytest.fixture(scope="module")
+def kaas_cluster():
+    with LocalKaasCluster(2, backend="cpu", dashboard_address="127.0.0.1:0",
+                          device_memory_limit="64MB") as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cc(kaas_cluster):
+    with KaasClient(kaas_cluster) as client:
+        yield client
