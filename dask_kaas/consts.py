@@ -27,6 +27,8 @@ wait for the registry lock: they mark it dirty and whoever holds it sweeps.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import random
 import threading
 import time
@@ -37,10 +39,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import dask
 import numpy as np
 import xxhash
-from dask.utils import parse_bytes
+from dask.utils import parse_bytes, parse_timedelta
 from distributed import Client, Future
+from distributed.comm.core import CommClosedError
 
 from . import config
 from .graph.errors import KaasError
@@ -53,6 +57,18 @@ GONE = ("lost", "error", "cancelled")
 FRESH_S = 60.0
 #: Released tokens remembered (their next scatter takes a fresh key).
 RELEASED_KEPT = 4096
+#: What a scatter to a dead or unknown worker raises: try the next one.
+SCATTER_FAILURES = (KeyError, ValueError, OSError, TimeoutError, asyncio.TimeoutError,
+                    CommClosedError)
+
+logger = logging.getLogger(__name__)
+
+
+def scatter_timeout() -> float:
+    """Seconds one scatter attempt may take: Dask's connect timeout (a dead
+    host is given up after it) plus the time to send."""
+    connect = parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), "s")
+    return float(connect) + 10.0
 
 
 def const_key(token: str) -> str:
@@ -187,18 +203,49 @@ class ConstRegistry:
         return fut
 
     def _scatter(self, key: str, arr: np.ndarray) -> Future:
-        """Scatter to two graph workers (losing one then loses no const).  The
-        worker list may be a moment stale after a worker died: ask again, and
-        fall back to letting Dask choose, rather than fail the submission."""
+        """Send a const to one graph worker, then a second copy in the
+        background (losing one worker then loses no const).
+
+        Each attempt is bounded: a worker that was just killed, or whose
+        host went silent, may still be on the scheduler's list, and Dask's
+        ``scatter(broadcast=True)`` then retries replication to it for ever.
+        So the first copy goes to one worker at a time (the next one on a
+        failure, then Dask's choice), and the second is best effort.
+        """
         for refresh in (False, True):
             workers = list(self.candidates(refresh))
-            chosen = random.sample(workers, min(2, len(workers))) if workers else None
-            try:
-                return self.client.scatter({key: arr}, workers=chosen, broadcast=bool(chosen),
-                                           hash=False)[key]
-            except (KeyError, ValueError, OSError):
-                continue
-        return self.client.scatter({key: arr}, hash=False)[key]
+            random.shuffle(workers)
+            for addr in workers[:2]:
+                try:
+                    fut = self._scatter_to(key, arr, [addr])
+                except SCATTER_FAILURES:
+                    continue
+                others = [w for w in workers if w != addr]
+                if others:
+                    self.client.loop.add_callback(self._second_copy, key, arr, others[0])
+                return fut
+        return self._scatter_to(key, arr, None)
+
+    def _scatter_to(self, key: str, arr: np.ndarray, workers: list[str] | None) -> Future:
+        async def send() -> Future:
+            futs = await asyncio.wait_for(
+                self.client.scatter({key: arr}, workers=workers, hash=False, asynchronous=True),
+                scatter_timeout())
+            return futs[key]
+        return self.client.sync(send)
+
+    async def _second_copy(self, key: str, arr: np.ndarray, addr: str) -> None:
+        """A replica on another worker; a failure only costs the replica."""
+        try:
+            with self.lock:
+                wanted = self._by_key.get(key) is not None
+            if wanted:
+                await asyncio.wait_for(
+                    self.client.scatter({key: arr}, workers=[addr], hash=False,
+                                        asynchronous=True),
+                    scatter_timeout())
+        except Exception as e:  # noqa: BLE001 - best effort by design
+            logger.info("second copy of const %s on %s failed: %r", key, addr, e)
 
     # -- use by requests -------------------------------------------------------
     def hold(self, owner: Any, tokens: Iterable[str]) -> None:

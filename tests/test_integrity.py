@@ -8,6 +8,11 @@ contents share one key and must be pinned and loaded once.
 
 from __future__ import annotations
 
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import dask
 import numpy as np
 import pytest
 
@@ -196,3 +201,39 @@ def kaas_cluster():
 def cc(kaas_cluster):
     with KaasClient(kaas_cluster) as client:
         yield client
+
+
+# -- item 5: a new const while a listed worker is silent ----------------------
+
+def test_new_const_with_a_silent_worker_finishes_submitting():
+    """A worker the scheduler still lists but that answers nothing (SIGSTOP:
+    a killed process not yet noticed, a host whose link is down): Dask's
+    ``scatter(broadcast=True)`` retried replication to it for ever, so the
+    submission hung.  Now each scatter attempt is bounded and the second
+    copy is best effort: the submission returns, and every result is right
+    once the worker answers again."""
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}), \
+            LocalKaasCluster(2, backend="cpu", dashboard_address="127.0.0.1:0",
+                             device_memory_limit="64MB") as cluster, \
+            KaasClient(cluster) as c:
+        g = two_bias_graph()
+        x = np.ones(64, np.float32)
+        c.submit_kernel_graph(g, {"x": x, "b1": x, "b2": x}).result()
+        pids = c.run(os.getpid)
+        victim = sorted(pids)[0]
+        os.kill(pids[victim], signal.SIGSTOP)
+        try:
+            _state(c).refresh()
+            assert victim in _state(c).candidates()
+            pool = ThreadPoolExecutor(1)
+            futs, weights = [], []
+            for i in range(4):
+                b = np.full(64, i + 1, np.float32)
+                weights.append(b)
+                # bounded: the old code never returned from some of these
+                futs.append(pool.submit(c.submit_kernel_graph, g,
+                                        {"x": x, "b1": b, "b2": b}).result(timeout=150))
+        finally:
+            os.kill(pids[victim], signal.SIGCONT)
+        for b, f in zip(weights, futs):
+            np.testing.assert_array_equal(f.result(timeout=120)["y"], x + 2 * b)
