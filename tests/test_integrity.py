@@ -8,6 +8,7 @@ contents share one key and must be pinned and loaded once.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -237,3 +238,31 @@ def test_new_const_with_a_silent_worker_finishes_submitting():
             os.kill(pids[victim], signal.SIGCONT)
         for b, f in zip(weights, futs):
             np.testing.assert_array_equal(f.result(timeout=120)["y"], x + 2 * b)
+
+
+# -- item 12: the request annotation does not ride on compute messages --------
+
+def test_compute_messages_stay_msgpack(cc, caplog):
+    """Dask sends a task's annotations with every compute-task message; a
+    request object there is not msgpack data, so every batch of compute
+    messages fell back to pickle (logged once per request)."""
+    import msgpack
+
+    g = two_bias_graph()
+    x = np.ones(64, np.float32)
+    with caplog.at_level(logging.INFO, logger="distributed.protocol.core"):
+        futs = cc.map_kernel_graph(g, [{"x": x * i, "b1": x, "b2": x} for i in range(6)],
+                                   keep_on_device=["y"])
+        for i, f in enumerate(futs):
+            np.testing.assert_array_equal(f.result()["y"], x * i + 2)
+
+    def annotations(dask_scheduler):
+        return {str(k): ts.annotations for k, ts in dask_scheduler.tasks.items()
+                if str(k).startswith("kaas-")}
+
+    seen = cc.run_on_scheduler(annotations)
+    assert {str(f.key) for f in futs} <= set(seen)
+    for key, ann in seen.items():
+        assert "kaas" not in (ann or {}), key
+        msgpack.dumps(ann or {})
+    assert not [r for r in caplog.records if "falling back to pickle" in r.getMessage()]

@@ -176,9 +176,14 @@ class KaasSchedulerPlugin(HandlersMixin, SchedulerPlugin):
         selects = []
         now = time.monotonic()
         for key, meta in metas.items():
+            ts = scheduler.tasks.get(key)
+            if ts is not None and ts.annotations:
+                # Read here, kept in self.requests: carried on, it would go
+                # with every compute-task message, where a request object is
+                # not msgpack data and makes Dask pickle the whole batch.
+                ts.annotations.pop(ANNOTATION, None)
             if meta is None:
                 continue
-            ts = scheduler.tasks.get(key)
             if ts is None or ts.state not in ("released", "waiting", "no-worker"):
                 continue
             try:
