@@ -266,3 +266,42 @@ def test_compute_messages_stay_msgpack(cc, caplog):
         assert "kaas" not in (ann or {}), key
         msgpack.dumps(ann or {})
     assert not [r for r in caplog.records if "falling back to pickle" in r.getMessage()]
+
+
+# -- item 11: each request counted once, by how it ended -----------------------
+
+def slow_add(xp, x, b, y, seconds):
+    import time
+
+    time.sleep(float(seconds))
+    y[...] = x + b
+
+
+def test_requests_sent_again_after_a_lost_const_are_counted_once():
+    """Every worker dies with requests in flight: Dask cancels them (their
+    const went with the workers) and the client sends them again under the
+    same keys.  They were counted cancelled and submitted twice."""
+    n = 1024
+    g = KernelGraph("counted")
+    x = g.input("x", (n,), np.float32)
+    b = g.const("b", (n,), np.float32)
+    y = g.output("y", (n,), np.float32)
+    g.launch(Kernel.array(slow_add), [x, b, Out(y), np.float64(0.05)])
+    rng = np.random.default_rng(5)
+    bias = rng.random(n, dtype=np.float32)
+    xs = [rng.random(n, dtype=np.float32) for _ in range(16)]
+    with LocalKaasCluster(2, backend="cpu", dashboard_address="127.0.0.1:0",
+                          device_memory_limit="64MB") as cluster, \
+            KaasClient(cluster) as c:
+        futs = c.map_kernel_graph(g, [{"x": v, "b": bias} for v in xs], tenant="counted")
+        futs[0].result(timeout=60)
+        pids = c.run(os.getpid)
+        for pid in pids.values():
+            os.kill(pid, signal.SIGKILL)
+        for v, f in zip(xs, futs):
+            np.testing.assert_allclose(f.result(timeout=120)["y"], v + bias, rtol=1e-6)
+        t = c.kaas_stats()["tenants"]["counted"]
+        assert _state(c).resender.resent >= 1
+        assert t["resent"] >= 1, t
+        assert t["submitted"] == t["graphs_run"] == len(xs), t
+        assert t["cancelled"] == 0 and t["errors"] == 0 and t["in_flight"] == 0, t

@@ -21,6 +21,7 @@ grow with every name ever seen).
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,11 @@ from .stats import TenantStats
 PENDING = frozenset({"waiting", "processing", "no-worker", "queued"})
 #: How a request ended (each is counted once per admission).
 OK, ERROR, CANCELLED = "ok", "error", "cancelled"
+#: Keys of forgotten requests, remembered so that the same request sent
+#: again by its client (see dask_kaas.resend) is not counted as a second
+#: submission: at most this many, for at most ENDED_KEPT_S seconds.
+ENDED_KEPT = 10_000
+ENDED_KEPT_S = 600.0
 
 
 @dataclass
@@ -69,12 +75,26 @@ class RequestBook:
         #: worker -> when the work placed on it is expected to be done
         self.free_at: dict[str, float] = {}
         self.tenants: dict[str, TenantStats] = {}
+        #: Request key -> (tenant, outcome, when) of forgotten requests.
+        self.ended_keys: OrderedDict[str, tuple[str, str | None, float]] = OrderedDict()
 
     # -- admission -----------------------------------------------------------
     def admit(self, key: str, request: GraphRequest, now: float) -> RequestRecord:
-        """Record a new request."""
+        """Record a new request, or the return of one that was cancelled
+        (request keys are unique: the same key is the same request, sent
+        again by its client after the cluster lost an input)."""
         rec = self.requests[key] = RequestRecord(request, now)
-        self.tenant(request.tenant, now).submitted += 1
+        t = self.tenant(request.tenant, now)
+        tenant, outcome, _ = self.ended_keys.pop(key, (None, None, 0.0))
+        if tenant != request.tenant or outcome not in (OK, CANCELLED) \
+                or (outcome == CANCELLED and t.cancelled <= 0):
+            t.submitted += 1
+            return rec
+        t.resent += 1
+        if outcome == CANCELLED:  # its end is taken back: it is in flight again
+            t.cancelled -= 1
+        else:  # it had run (its result went with a worker): counted then
+            rec.outcome = OK
         return rec
 
     def tenant(self, name: str, now: float | None = None) -> TenantStats:
@@ -131,6 +151,9 @@ class RequestBook:
         elif finish == "forgotten":
             self._end(rec, CANCELLED)
             del self.requests[key]
+            self.ended_keys[key] = (rec.request.tenant, rec.outcome, time.monotonic())
+            if len(self.ended_keys) > ENDED_KEPT:
+                self.ended_keys.popitem(last=False)
         elif finish == "released":
             # A lost worker or a cancellation: the slot booking goes now (the
             # request is held again if it comes back).
@@ -192,6 +215,8 @@ class RequestBook:
                   and name not in self.pinned]
         for name in shares:
             self.queue.forget(name)
+        while self.ended_keys and now - next(iter(self.ended_keys.values()))[2] > ENDED_KEPT_S:
+            self.ended_keys.popitem(last=False)
         return {"tenants": len(gone), "shares": len(shares),
                 "graphs": self.costs.expire(now - graph_idle_s),
                 "buffer_sizes": self.directory.prune()}
@@ -205,6 +230,7 @@ class RequestBook:
         return {"requests": len(self.requests), "selects": len(self.selects),
                 "queued": sum(len(q) for q in self.queues.values()),
                 "free_at": len(self.free_at), "tenants": len(self.tenants),
+                "ended_keys": len(self.ended_keys),
                 "shares": len(self._share_names()),
                 "backlog": len(self.queue), "running": self.queue.running(),
                 "graph_costs": len(self.costs.runtimes),

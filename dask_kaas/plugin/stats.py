@@ -59,7 +59,10 @@ class TenantStats:
 
     Every admitted request ends exactly once as run, error or cancelled, so
     ``in_flight`` (submitted minus those) is exact; a request that Dask runs
-    again after a worker lost its result counts under ``recomputed`` only.
+    again after a worker lost its result counts under ``recomputed`` only,
+    and one its client sent again after it was cancelled (a lost const)
+    under ``resent`` only: its first end is taken back, so it is counted
+    once, by how it finally ended.
     """
 
     submitted: int = 0
@@ -67,6 +70,7 @@ class TenantStats:
     errors: int = 0
     cancelled: int = 0
     recomputed: int = 0
+    resent: int = 0
     bytes_to_device: int = 0
     hits: int = 0
     misses: int = 0
@@ -99,6 +103,7 @@ class TenantStats:
             "errors": self.errors,
             "cancelled": self.cancelled,
             "recomputed": self.recomputed,
+            "resent": self.resent,
             "in_flight": self.in_flight,
             "bytes_to_device": self.bytes_to_device,
             "hits": self.hits,
