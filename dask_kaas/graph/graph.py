@@ -266,6 +266,16 @@ class KernelGraph:
 
         return graph_from_json(text)
 
+    # -- ONNX ------------------------------------------------------------
+    @classmethod
+    def from_onnx(cls, model: Any, *, batch: Any = None, name: str | None = None
+                  ) -> tuple[KernelGraph, dict[str, np.ndarray]]:
+        """An ONNX model (ModelProto, path or bytes) as ``(graph, consts)``;
+        see :func:`dask_kaas.onnx.from_onnx`.  ``onnx`` is imported only here."""
+        from ..onnx import from_onnx
+
+        return from_onnx(model, batch=batch, name=name)
+
     # -- comparison ----------------------------------------------------
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, KernelGraph):

@@ -1,0 +1,20 @@
+"""ONNX models as kernel graphs.
+
+``from_onnx(model, batch=...)`` turns an ONNX model into a KernelGraph and
+its consts; every operator is an array function written once against the
+NumPy/CuPy API (:mod:`.compute`), listed in one table (:mod:`.ops`).  This
+package depends on :mod:`dask_kaas.graph` and nothing above it; ``onnx`` is
+imported only when a model is imported.
+"""
+
+from .errors import OnnxImportError, UnknownDimensionError, UnsupportedOperatorError
+from .importer import from_onnx
+from .ops import OPS
+
+__all__ = ["OPS", "OnnxImportError", "UnknownDimensionError", "UnsupportedOperatorError",
+           "from_onnx", "supported_operators"]
+
+
+def supported_operators() -> list[str]:
+    """The ONNX operators of the table, sorted."""
+    return sorted(OPS)
