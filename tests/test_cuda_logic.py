@@ -94,12 +94,14 @@ def test_single_byte_dtypes_have_no_byte_order_and_are_kept():
 # -- item 3: out of memory inside a kernel -----------------------------------
 
 def test_out_of_memory_inside_a_kernel_empties_the_cache_and_retries():
+    """A real failure of the backend's allocator (NumPy's, on the CPU
+    backend) inside a kernel: evict and run once more."""
     calls = []
 
     def needs_temporaries(xp, x, y):
         calls.append(1)
         if len(calls) == 1:
-            raise MemoryError("out of memory allocating the kernel's temporaries")
+            xp.empty(2**62, np.uint8)  # the allocator fails: 4 EiB
         y[...] = 2 * x
 
     rt = WorkerRuntime(CpuBackend(), 10_000)
@@ -115,7 +117,7 @@ def test_out_of_memory_inside_a_kernel_empties_the_cache_and_retries():
 
 def test_out_of_memory_inside_a_kernel_twice_is_a_device_out_of_memory_error():
     def always(xp, x, y):
-        raise MemoryError("out of memory")
+        xp.empty(2**62, np.uint8)
 
     rt = WorkerRuntime(CpuBackend(), 10_000)
     with pytest.raises(DeviceOutOfMemoryError, match="graph 'g1'.*even after emptying"):
@@ -499,7 +501,9 @@ def test_the_cache_leaves_headroom_in_the_pool():
     s = size_device_memory(16 * GIB, 15 * GIB, limit="1GiB", pool="4GiB", headroom=room)
     assert s.cache_bytes == GIB  # the limit, below what the pool would allow
     s = size_device_memory(80 * GIB, 10 * GIB, headroom=room)  # most of it already taken
-    assert s.pool_bytes == 10 * GIB and s.cache_bytes == 10 * GIB - 512 * MIB
+    # What is free less the default reserve of 1 GiB (context, workspaces, modules).
+    assert s.pool_bytes == 9 * GIB and s.reserve_bytes == GIB
+    assert s.cache_bytes == 9 * GIB - int(9 * GIB * 0.05)
     s = size_device_memory(80 * GIB, 70 * GIB, limit=0.4, headroom=room)  # 2 per device
     assert s.cache_bytes == 32 * GIB and s.pool_bytes <= 0.45 * 80 * GIB
 
@@ -656,26 +660,4 @@ def test_a_limit_beyond_the_free_memory_gets_what_is_free():
     from dask_kaas.device.sizing import Headroom, size_device_memory
 
     s = size_device_memory(16 * GIB, 4 * GIB, limit="10TB", headroom=Headroom(0.05, 256 * MIB))
-    assert s.pool_bytes == 4 * GIB and s.cache_bytes == 4 * GIB - 256 * MIB
-
-
-def test_kernel_images_are_files_named_by_content_and_written_whole(tmp_path):
-    """CuPy memoizes loaded modules by path: a path must always mean the same
-    bytes, and two slots loading one kernel at once must both see it whole."""
-    import threading
-
-    from dask_kaas.device.cuda import image_file
-
-    lock = threading.Lock()
-    image = bytes(range(256)) * 4096
-    paths = []
-    threads = [threading.Thread(target=lambda: paths.append(
-        image_file(str(tmp_path), image, "cubin", lock))) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(set(paths)) == 1 and open(paths[0], "rb").read() == image
-    other = image_file(str(tmp_path), image[:-1] + b"\x00", "cubin", lock)
-    assert other != paths[0] and image_file(str(tmp_path), image, "ptx", lock) != paths[0]
-    assert sorted(p.name.split(".")[-1] for p in tmp_path.iterdir()) == ["cubin", "cubin", "ptx"]
+    assert s.pool_bytes == 3 * GIB and s.cache_bytes == 3 * GIB - 256 * MIB  # less the reserve

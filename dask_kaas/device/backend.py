@@ -50,8 +50,13 @@ class Backend(abc.ABC):
         return None
 
     def is_out_of_memory(self, exc: BaseException) -> bool:
-        """Whether ``exc`` is the device running out of memory."""
-        return isinstance(exc, MemoryError)
+        """Whether ``exc`` is the device running out of memory: a failure of
+        the worker's allocator (see ``oom.py``), never a ``MemoryError`` a
+        kernel raised itself.  Memory is host memory here, so NumPy's own
+        failure to allocate counts."""
+        from . import oom
+
+        return oom.is_marked(exc) or oom.is_numpy_allocation_failure(exc)
 
     def is_fatal(self, exc: BaseException) -> bool:
         """Whether ``exc`` left the device unusable for every later request

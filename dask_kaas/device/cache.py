@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from ..graph.errors import DeviceOutOfMemoryError
+from ..graph.errors import DeviceFaultError, DeviceOutOfMemoryError
+from . import oom
 from .backend import Backend
 from .cache_records import CacheEntry, CacheStats, Load, Reservation
 
@@ -32,7 +33,8 @@ __all__ = ["CacheEntry", "CacheStats", "DeviceCache", "Load", "Reservation"]
 class DeviceCache:
     def __init__(self, backend: Backend, capacity_bytes: int,
                  wait_timeout: float = 300.0,
-                 needed_soon: Callable[[], set[str]] | None = None) -> None:
+                 needed_soon: Callable[[], set[str]] | None = None,
+                 on_fault: Callable[[str], None] | None = None) -> None:
         if capacity_bytes <= 0:
             raise ValueError(f"device capacity must be positive, got {capacity_bytes}")
         self.backend = backend
@@ -41,6 +43,10 @@ class DeviceCache:
         #: Buffer ids that graphs already queued on this worker will use:
         #: evicted only when nothing else can go (look-ahead before LRU).
         self.needed_soon = needed_soon
+        #: Called with the reason when a copy to the host meets a sticky
+        #: device fault (a read by any thread, a write-back, a clear): the
+        #: runtime marks its worker broken.
+        self.on_fault = on_fault
         self.stats = CacheStats()
         self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
         self._entry_bytes = 0
@@ -126,14 +132,36 @@ class DeviceCache:
         for e in self._victims(need):
             self._remove(e, evicted=True)
 
+    def _copy_to_host(self, e: CacheEntry) -> np.ndarray:
+        """A host copy of ``e``'s device array.  A sticky device fault met
+        here marks the worker broken (``on_fault``) like one met by a kernel."""
+        reason = ""
+        try:
+            self.backend.wait_ready(e.ready, None)
+            return self.backend.to_host(e.array, None)
+        except Exception as exc:  # noqa: BLE001 - only a sticky fault is handled here
+            if not self.backend.is_fatal(exc):
+                raise
+            reason = f"{type(exc).__name__}: {exc}"
+        if self.on_fault is not None:
+            self.on_fault(reason)
+        raise DeviceFaultError(f"the device faulted while copying {e.buffer_id!r} to the "
+                               f"host ({reason}); its worker is restarted")
+
+    @staticmethod
+    def _sole_copy(e: CacheEntry) -> bool:
+        return e.array is not None and e.owner is not None and e.owner() is not None
+
     def _write_back_victims(self, need: int, exclude: Any) -> bool:
         """Copy to the host, with the lock released, the victims that hold
         the only copy of their data, so that evicting them later under the
         lock copies nothing and other slots are not held up.  Returns whether
         anything was written back (the caller then looks again).  Caller
         holds the lock once."""
-        todo = [e for e in self._victims(need, exclude)
-                if e.array is not None and e.owner is not None and e.owner() is not None]
+        return self._write_back([e for e in self._victims(need, exclude) if self._sole_copy(e)])
+
+    def _write_back(self, todo: list[CacheEntry]) -> bool:
+        """Write ``todo`` back to their handles with the lock released."""
         if not todo:
             return False
         for e in todo:
@@ -142,8 +170,7 @@ class DeviceCache:
         self._cond.release()
         try:
             for e in todo:
-                self.backend.wait_ready(e.ready, None)
-                hosts.append(self.backend.to_host(e.array, None))
+                hosts.append(self._copy_to_host(e))
         finally:
             self._cond.acquire()
             for e, host in zip(todo, hosts + [None] * (len(todo) - len(hosts))):
@@ -162,8 +189,7 @@ class DeviceCache:
     def _remove(self, e: CacheEntry, evicted: bool) -> None:
         owner = e.owner() if e.owner is not None else None
         if owner is not None and e.array is not None:
-            self.backend.wait_ready(e.ready, None)
-            host = self.backend.to_host(e.array, None)
+            host = self._copy_to_host(e)
             owner._store_host(host)
             self.stats.writebacks += 1
             self.stats.bytes_to_host += host.nbytes
@@ -252,7 +278,11 @@ class DeviceCache:
             for ld in missing:
                 t0 = time.perf_counter()
                 host = ld.source()
-                arr = self.backend.to_device(host, stream)
+                try:
+                    arr = self.backend.to_device(host, stream)
+                except MemoryError as e:  # the worker's own allocation: the device's
+                    oom.mark(e)
+                    raise
                 # Marked after the copy is queued, before anyone can hit it.
                 marker = self.backend.record_ready(stream)
                 dt = time.perf_counter() - t0
@@ -351,8 +381,7 @@ class DeviceCache:
             e.pins += 1
         host = None
         try:
-            self.backend.wait_ready(e.ready, None)
-            host = self.backend.to_host(e.array, None)
+            host = self._copy_to_host(e)
         finally:
             with self._cond:
                 e.pins -= 1
@@ -366,8 +395,19 @@ class DeviceCache:
         if self._closed:
             raise DeviceOutOfMemoryError("the device cache is closed (worker shutting down)")
 
+    #: Rounds of write-backs outside the lock before ``clear`` drops the rest.
+    CLEAR_ROUNDS = 3
+
     def clear(self) -> None:
+        """Drop every unpinned entry.  Kept outputs are written back to their
+        handles first, with the lock released (other slots go on), so only
+        an output kept while clearing is copied under the lock."""
         with self._cond:
+            for _ in range(self.CLEAR_ROUNDS):
+                todo = [e for e in self._entries.values()
+                        if e.pins == 0 and not e.loading and self._sole_copy(e)]
+                if not self._write_back(todo):
+                    break
             for e in list(self._entries.values()):
                 if e.pins == 0 and not e.loading:
                     self._remove(e, evicted=False)

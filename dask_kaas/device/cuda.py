@@ -10,28 +10,28 @@ reported next to the cache's.  The RMM resource and CuPy's allocator are
 process-wide, so one process holds one CUDA backend at a time.
 
 CUDA C kernels are compiled with NVRTC into a cubin for the device (or PTX
-only where the driver can read it, see ``nvrtc.choose_image``).
+only where the driver can read it, see ``nvrtc.choose_image``), and each
+is loaded into a module of its own that the kernel cache can unload (see
+``cuda_kernels.py``).  CuPy's allocations go through a wrapper that marks
+the pool's out-of-memory errors as the device's (``oom.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
-import shutil
-import tempfile
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-from ..graph.errors import BackendUnavailableError, KernelDefinitionError, LaunchConfigError
+from ..graph.errors import BackendUnavailableError, KernelDefinitionError
 from ..graph.kernels import Kernel
-from ..graph.launch import Launch
-from ..graph.library import BUILTINS
+from . import oom
 from .backend import Backend, CompiledKernel
+from .cuda_kernels import DEFAULT_DYNAMIC_SHARED, CudaKernels, opt_in_shared_memory
 from .faults import is_sticky_fault
 from .nvrtc import cuda_version
 from .sizing import RMM_ALIGNMENT, Headroom, size_device_memory
@@ -39,16 +39,13 @@ from .staging import STAGING_THRESHOLD, StagedCopier
 
 logger = logging.getLogger(__name__)
 
-#: Dynamic shared memory a kernel may use without opting in to more.
-DEFAULT_DYNAMIC_SHARED = 48 * 1024
+__all__ = ["DEFAULT_DYNAMIC_SHARED", "CudaBackend", "opt_in_shared_memory"]
+
 #: ``cudaDevAttrMaxSharedMemoryPerBlockOptin``.
 ATTR_SHARED_OPTIN = 97
 
 _live_lock = threading.Lock()
 _live: list[CudaBackend] = []
-#: Loaded function (CUfunction address) -> its shared-memory opt-in state.
-_shared_state: dict[int, dict[str, Any]] = {}
-_shared_lock = threading.Lock()
 
 
 def _round_up(n: int, k: int) -> int:
@@ -59,7 +56,8 @@ class CudaBackend(Backend):
     name = "cuda"
 
     def __init__(self, device_memory_limit: Any = None, rmm_pool_size: Any = None,
-                 headroom: Headroom | None = None, **_: Any) -> None:
+                 headroom: Headroom | None = None, reserve: Any = None,
+                 workers_per_device: Any = None, **_: Any) -> None:
         try:
             import cupy
             import cupyx
@@ -75,13 +73,14 @@ class CudaBackend(Backend):
                     "(processes=True) or close the other backend first")
             _live.append(self)
         try:
-            self._start(cupy, cupyx, device_memory_limit, rmm_pool_size, headroom)
+            self._start(cupy, cupyx, device_memory_limit, rmm_pool_size, headroom, reserve,
+                        workers_per_device)
         except BaseException:
             self.close()
             raise
 
     def _start(self, cupy: Any, cupyx: Any, limit: Any, pool: Any,
-               headroom: Headroom | None) -> None:
+               headroom: Headroom | None, reserve: Any, workers_per_device: Any) -> None:
         self.cupy = cupy
         self.cupyx = cupyx
         self.xp = cupy
@@ -90,7 +89,9 @@ class CudaBackend(Backend):
         self.device.use()
         free, total = runtime.memGetInfo()
         self.total_bytes = int(total)
-        self.sizing = size_device_memory(int(total), int(free), limit, pool, headroom)
+        self.sizing = size_device_memory(int(total), int(free), limit, pool, headroom,
+                                         reserve=reserve,
+                                         workers_per_device=workers_per_device)
         self.pool_bytes = self.sizing.pool_bytes
         self._mr: Any = None
         self._mempool: Any = None
@@ -105,8 +106,6 @@ class CudaBackend(Backend):
         self.compute_capability = str(self.arch)
         self.shared_mem_optin = int(runtime.deviceGetAttribute(ATTR_SHARED_OPTIN, 0))
         self.driver_version = cuda_version(runtime.driverGetVersion())
-        self._image_dir = tempfile.mkdtemp(prefix="kaas-images-")
-        self._image_lock = threading.Lock()
         self._choose_compiler()
 
     def _setup_pool(self, pool: int) -> tuple[str, str | None]:
@@ -119,7 +118,7 @@ class CudaBackend(Backend):
                     else f"RMM failed to import ({type(e).__name__}: {e})")
             mempool = cupy.cuda.MemoryPool()
             mempool.set_limit(size=pool)
-            cupy.cuda.set_allocator(mempool.malloc)
+            cupy.cuda.set_allocator(oom.tagging_allocator(mempool.malloc))
             self._mempool = mempool
             logger.warning("dask_kaas: %s; using CuPy's memory pool (limit %d bytes)", note, pool)
             return "cupy", note
@@ -128,31 +127,39 @@ class CudaBackend(Backend):
         mr = rmm.mr.StatisticsResourceAdaptor(upstream)
         self._prev_mr = rmm.mr.get_current_device_resource()
         rmm.mr.set_current_device_resource(mr)
-        cupy.cuda.set_allocator(rmm_cupy_allocator)
+        cupy.cuda.set_allocator(oom.tagging_allocator(rmm_cupy_allocator))
         self._mr = mr
         return "rmm", None
 
     def _choose_compiler(self) -> None:
-        """NVRTC through cuda-bindings when present (so the image is ours to
-        choose), else CuPy's compiler (which also makes cubins by default)."""
+        """NVRTC through cuda-bindings where it loads (so the image is ours
+        to choose), else CuPy's NVRTC wrapper through the same steps; with
+        neither, the worker still starts and refuses CUDA sources saying
+        why.  ``kernel_compiler`` records which and why."""
         from . import nvrtc
 
-        self.kernel_compiler = "nvrtc"
-        self._image: tuple[str, int] | None = None
-        self._image_error: str | None = None
         try:
-            self.nvrtc_version = nvrtc.nvrtc_version()
-            archs = nvrtc.supported_archs()
-        except KernelDefinitionError as e:
-            self.kernel_compiler = f"cupy ({e.detail})"
-            major, minor = self.cupy.cuda.nvrtc.getVersion()
-            self.nvrtc_version = (int(major), int(minor))
-            return
-        try:
-            self._image = nvrtc.choose_image(self.nvrtc_version, self.driver_version, self.arch,
-                                             archs)
-        except KernelDefinitionError as e:
-            self._image_error = e.detail
+            cupy_nvrtc = self.cupy.cuda.nvrtc
+        except Exception:  # noqa: BLE001 - a CuPy without its NVRTC wrapper
+            cupy_nvrtc = None
+        api, version, note = nvrtc.choose_api(cupy_nvrtc)
+        self.kernel_compiler = note
+        self.nvrtc_version = version
+        image: tuple[str, int] | None = None
+        image_error: str | None = None
+        if api is not None:
+            try:
+                image = nvrtc.choose_image(version, self.driver_version, self.arch, api.archs())
+            except KernelDefinitionError as e:
+                image_error = e.detail
+            except Exception as e:  # noqa: BLE001 - the architecture query failed
+                image_error = f"NVRTC's architectures are unknown ({type(e).__name__}: {e})"
+        else:
+            image_error = note
+        if note != "nvrtc":
+            logger.warning("dask_kaas: CUDA sources are compiled with %s", note)
+        self._kernels = CudaKernels(self.cupy, api, image, image_error, note,
+                                    self.shared_mem_optin, self.is_fatal)
 
     # -- memory --------------------------------------------------------------
     def physical_capacity(self) -> int:
@@ -167,7 +174,9 @@ class CudaBackend(Backend):
         return _round_up(int(nbytes), granule)
 
     def is_out_of_memory(self, exc: BaseException) -> bool:
-        return isinstance(exc, (self.cupy.cuda.memory.OutOfMemoryError, MemoryError))
+        # Only what the worker's allocator raised (oom.tagging_allocator):
+        # a kernel's own ``raise MemoryError`` is that request's failure.
+        return oom.is_marked(exc)
 
     def is_fatal(self, exc: BaseException) -> bool:
         cuda = self.cupy.cuda
@@ -230,42 +239,7 @@ class CudaBackend(Backend):
         return self.shared_mem_optin
 
     def compile(self, kernel: Kernel) -> CompiledKernel:
-        cupy = self.cupy
-        if kernel.kind == Kernel.LIBRARY:
-            fn = BUILTINS[kernel.name].fn
-            return lambda launch, args, stream: _on(stream, fn, cupy, args)
-        if kernel.kind == Kernel.ARRAY:
-            afn = kernel.fn
-            return lambda launch, args, stream: _on(stream, afn, cupy, args)
-        if kernel.kind == Kernel.CUDA and self.kernel_compiler != "nvrtc":
-            module = cupy.RawModule(code=kernel.source, options=tuple(kernel.options),
-                                    name_expressions=list(kernel.name_expressions) or None)
-            raw = module.get_function(kernel.name)
-        elif kernel.kind == Kernel.CUDA:
-            from .nvrtc import compile_for_device
-
-            if self._image is None:
-                raise KernelDefinitionError(self._image_error or "no NVRTC", kernel=kernel.name)
-            image, function = compile_for_device(kernel, self._image)
-            raw = self._load_image(image, self._image[0], kernel.name, function)
-        else:
-            raw = self._load_image(kernel.image or b"", kernel.image_format or "ptx",
-                                   kernel.name, kernel.name)
-        return _raw_launcher(raw, self.shared_mem_optin)
-
-    def _load_image(self, image: bytes, fmt: str, kernel: str, function: str) -> Any:
-        """RawModule loads from a file, and CuPy memoizes modules by path: so
-        the file is named by the image's hash (a path always means the same
-        bytes), written whole before anyone loads it, and kept until close
-        (two slots may load the same kernel at once)."""
-        path = image_file(self._image_dir, image, fmt, self._image_lock)
-        try:
-            module = self.cupy.RawModule(path=path)
-            return module.get_function(function)  # loads the module now
-        except self.cupy.cuda.driver.CUDADriverError as e:
-            if self.is_fatal(e):
-                raise  # the device faulted earlier: not this image's fault
-            raise KernelDefinitionError(f"cannot load {fmt} image: {e}", kernel=kernel) from None
+        return self._kernels.compile(kernel)
 
     # -- streams -------------------------------------------------------------------
     def make_streams(self, n: int) -> list[Any]:
@@ -281,10 +255,8 @@ class CudaBackend(Backend):
 
     def describe(self) -> dict[str, Any]:
         image = None
-        if self.kernel_compiler != "nvrtc":
-            image = "cupy's choice"
-        elif self._image is not None:
-            fmt, arch = self._image
+        if self._kernels.image is not None:
+            fmt, arch = self._kernels.image
             image = f"{fmt} {'sm' if fmt == 'cubin' else 'compute'}_{arch}"
         info = {"backend": self.name, "device": self.device_name,
                 "compute_capability": self.compute_capability,
@@ -292,10 +264,13 @@ class CudaBackend(Backend):
                 "headroom_bytes": self.sizing.headroom_bytes,
                 "allocator": self.allocator, "allocator_note": self.allocator_note,
                 "driver_cuda_version": ".".join(map(str, self.driver_version)),
-                "nvrtc_version": ".".join(map(str, self.nvrtc_version)),
+                "nvrtc_version": (".".join(map(str, self.nvrtc_version))
+                                  if self.nvrtc_version else None),
                 "kernel_compiler": self.kernel_compiler,
                 "kernel_image": image,
-                "kernel_image_error": self._image_error,
+                "kernel_image_error": self._kernels.image_error,
+                "device_reserve_bytes": self.sizing.reserve_bytes,
+                "workers_per_device": self.sizing.workers_per_device,
                 "shared_mem_per_block_optin": self.shared_mem_optin,
                 "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
         info.update(self.pool_statistics())
@@ -318,66 +293,3 @@ class CudaBackend(Backend):
 
             rmm.mr.set_current_device_resource(self._prev_mr)
         self._mr = self._mempool = None
-        if getattr(self, "_image_dir", None):
-            shutil.rmtree(self._image_dir, ignore_errors=True)
-
-
-def image_file(directory: str, image: bytes, fmt: str, lock: threading.Lock) -> str:
-    """The path of a file in ``directory`` holding exactly ``image``, named
-    by its hash and written whole (through a rename) before it is returned."""
-    digest = hashlib.sha256(image).hexdigest()
-    path = os.path.join(directory, f"{digest}.{fmt}")
-    with lock:
-        if not os.path.exists(path):
-            tmp = f"{path}.{threading.get_ident()}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(image)
-            os.replace(tmp, path)
-    return path
-
-
-def _on(stream: Any, fn: Any, xp: Any, args: list) -> None:
-    with stream:
-        fn(xp, *args)
-
-
-def _raw_launcher(raw: Any, optin: int) -> CompiledKernel:
-    """Launch a RawKernel.  Past 48 KiB of shared memory per block (static
-    plus dynamic) a kernel must opt in first by raising its
-    ``max_dynamic_shared_size_bytes``, or the launch fails with
-    CUDA_ERROR_INVALID_VALUE.  Raised under a lock (setting the attribute is
-    not thread-safe) to the largest size asked so far."""
-    # The loaded function of device 0 (the worker's only one), called directly:
-    # RawKernel.__call__ would look it up again on every launch.
-    function = raw.kernel
-    lock = _shared_lock
-    with lock:  # one state per loaded function, however often it was compiled
-        state = _shared_state.setdefault(function.ptr, {"static": None, "allowed": None})
-
-    def launch(launch: Launch, args: list, stream: Any) -> None:
-        need = launch.shared_mem
-        if need and (state["allowed"] is None or need > state["allowed"]):
-            with lock:
-                opt_in_shared_memory(raw, need, optin, state)
-        function(launch.grid, launch.block, tuple(args), shared_mem=need, stream=stream)
-
-    return launch
-
-
-def opt_in_shared_memory(raw: Any, need: int, optin: int, state: dict[str, Any]) -> None:
-    """Make ``raw`` accept ``need`` bytes of dynamic shared memory, or say
-    why the device cannot.  ``state`` remembers the kernel's static shared
-    memory and what it accepts now."""
-    if state["static"] is None:
-        state["static"] = int(raw.shared_size_bytes)
-    static = state["static"]
-    if state["allowed"] is None:
-        state["allowed"] = max(0, DEFAULT_DYNAMIC_SHARED - static)
-    if need <= state["allowed"]:
-        return
-    if static + need > optin:
-        raise LaunchConfigError(
-            f"needs {need} bytes of dynamic shared memory per block on top of {static} "
-            f"static, more than the device's {optin}")
-    raw.max_dynamic_shared_size_bytes = need
-    state["allowed"] = need

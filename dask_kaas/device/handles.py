@@ -79,8 +79,15 @@ class DeviceArray:
         return (DeviceArray, (self.buffer_id, self.shape, self.dtype.str, None, self.get()))
 
     def __sizeof__(self) -> int:
-        # The bytes live in device memory, not in the worker's host memory.
-        return object.__sizeof__(self) + sys.getsizeof(self.buffer_id)
+        # The size of what the handle carries wherever it goes (pickling
+        # copies the bytes to the host).  Dask decides from ``sizeof`` whether
+        # to serialize a message in a thread (``distributed.comm.offload``)
+        # and counts transfers with it: reporting only the handle (~192
+        # bytes) made it copy whole buffers on the event loop and log 192
+        # bytes for a 16 KiB transfer.  Dask may also spill a large handle
+        # under host-memory pressure; that writes the data back to the host,
+        # which is correct, only no longer resident on the device.
+        return object.__sizeof__(self) + sys.getsizeof(self.buffer_id) + self.nbytes
 
     def __repr__(self) -> str:
         where = "device" if self.on_device else "host"

@@ -11,7 +11,20 @@ own request and leaves the cache consistent for the next one.
 What a request says about itself is not trusted: cache identities come from
 the Dask keys the worker really received (:class:`Identities`), outputs and
 temps start zeroed, and anything a kernel raises (``SystemExit`` included)
-becomes that request's KernelExecutionError.
+becomes that request's KernelExecutionError.  Only a failure of the worker's
+own allocator is out-of-memory (evict and retry): a kernel raising
+``MemoryError`` fails its request once and evicts nothing.
+
+Between two launches the runtime asks whether the request is still wanted
+(its time limit not passed, not cancelled) and stops cleanly if not, so a
+long ``n_iter`` graph that timed out returns its slot instead of costing a
+worker restart; at most :data:`MAX_ITERATIONS_IN_FLIGHT` iterations are
+queued on the device ahead of the host, so stopping takes effect promptly.
+
+A sticky device fault marks the worker broken.  The request that met it
+first is blamed; a request that meets it after (on another slot, or
+waiting for memory) did nothing wrong and is handed back to be placed on
+another worker (``reschedule``).
 """
 
 from __future__ import annotations
@@ -34,19 +47,25 @@ from ..graph.errors import (
     InputMismatchError,
     KaasError,
     KernelExecutionError,
+    LiteralTypeError,
+    RequestTimeoutError,
 )
 from ..graph.graph import KernelGraph
-from ..graph.launch import ArgRef
+from ..graph.launch import ArgRef, literal_problem
 from ..graph.library import graph_temp_bytes
+from ..graph.memplan import plan_temps
 from ..graph.validate import check_shared_memory
 from ..limits import check_n_iter
 from ..request import GraphRequest
-from . import deadline
+from . import deadline, oom
 from .backend import Backend
 from .cache import DeviceCache, Load
 from .handles import DeviceArray
 from .kernel_cache import KernelCache
 from .user_errors import user_failure
+
+#: Iterations of an ``n_iter`` graph queued on the device ahead of the host.
+MAX_ITERATIONS_IN_FLIGHT = 2
 
 
 def host_source(graph: KernelGraph, buf: Buffer, value: Any) -> Callable[[], np.ndarray]:
@@ -81,9 +100,11 @@ class Identities:
 class WorkerRuntime:
     def __init__(self, backend: Backend, capacity_bytes: int, slots: int = 1,
                  needed_soon: Callable[[], set[str]] | None = None,
-                 on_state_change: Callable[[], None] | None = None) -> None:
+                 on_state_change: Callable[[], None] | None = None,
+                 reschedule: Callable[[str], None] | None = None) -> None:
         self.backend = backend
-        self.cache = DeviceCache(backend, capacity_bytes, needed_soon=needed_soon)
+        self.cache = DeviceCache(backend, capacity_bytes, needed_soon=needed_soon,
+                                 on_fault=self._mark_broken)
         self.kernels = KernelCache(backend)
         self.slots = max(1, int(slots))
         self._free_streams: queue.Queue[Any] = queue.Queue()
@@ -101,6 +122,10 @@ class WorkerRuntime:
         self.broken: str | None = None
         #: Called (from any thread) when ``overdue`` or ``broken`` changes.
         self.on_state_change = on_state_change
+        #: Called with the reason for a request that met a device fault it did
+        #: not cause; it raises (the worker plugin hands the request back to
+        #: the scheduler to be placed elsewhere).
+        self.reschedule = reschedule
 
     @contextlib.contextmanager
     def _slot(self) -> Iterator[Any]:
@@ -141,6 +166,8 @@ class WorkerRuntime:
         try:
             outputs = self._run_guarded(graph, request, values, ids, timeout, report)
         except KaasError as e:
+            if getattr(e, "innocent", False) and self.reschedule is not None:
+                self.reschedule(self.broken or e.detail)  # raises: placed elsewhere
             self._count(error=True)
             report["error"] = type(e).__name__
             report["total_s"] = time.perf_counter() - t0
@@ -156,6 +183,7 @@ class WorkerRuntime:
         """Only a KaasError comes out of here, whatever the request does."""
         try:
             check_n_iter(graph)
+            check_literals(graph)
             return deadline.run_within(
                 lambda: self._run_retrying_oom(graph, request, values, ids, report),
                 timeout, on_overdue=lambda: self.set_overdue(str(request.key), True),
@@ -228,10 +256,11 @@ class WorkerRuntime:
                 # Per-request data, or an input the graph updates in place:
                 # the graph gets its own copy and the cached one stays intact.
                 private_inputs.append((buf, source))
-        own = [b for b in graph.buffers.values() if b.kind in (BufferKind.TEMP,
-                                                               BufferKind.OUTPUT)]
+        own = graph.outputs
+        plan = plan_temps(graph)  # temps never live together share one arena
         private_bytes = sum(alloc(b.nbytes) for b, _ in private_inputs) + sum(
-            alloc(b.nbytes) for b in own) + graph_temp_bytes(graph, alloc)
+            alloc(b.nbytes) for b in own) + alloc(plan.arena_bytes) + graph_temp_bytes(
+            graph, alloc)
 
         with self._slot() as stream:
             t_wait = time.perf_counter()
@@ -241,23 +270,39 @@ class WorkerRuntime:
             keep: dict[str, tuple[Any, int, Any]] = {}
             arrays: dict[str, Any] = {}
             kept: dict[str, tuple[Any, int, Any]] | None = None
+            # The launchers (and so their modules) live until the stream is
+            # synchronized: an evicted module is never unloaded under a
+            # kernel still in flight.
+            held: list[Any] = []
+            synchronized = False
             try:
                 for name, bid in cached_names.items():
                     arrays[name] = res.arrays[bid]
                 with self.backend.on_stream(stream):
-                    for buf, source in private_inputs:
-                        t1 = time.perf_counter()
-                        host = source()
-                        arrays[buf.name] = self.backend.to_device(host, stream)
-                        self.cache.count_private_load(res, host.nbytes,
-                                                      time.perf_counter() - t1)
-                    for buf in own:
-                        # Zeroed: a kernel that skips an element must not hand
-                        # out what an earlier request left in that memory.
-                        arrays[buf.name] = self.backend.zeros(buf.shape, buf.dtype, stream)
+                    try:  # the runtime's own allocations: a MemoryError is the device's
+                        for buf, source in private_inputs:
+                            t1 = time.perf_counter()
+                            host = source()
+                            arrays[buf.name] = self.backend.to_device(host, stream)
+                            self.cache.count_private_load(res, host.nbytes,
+                                                          time.perf_counter() - t1)
+                        for buf in own:
+                            # Zeroed: a kernel that skips an element must not hand
+                            # out what an earlier request left in that memory.
+                            arrays[buf.name] = self.backend.zeros(buf.shape, buf.dtype,
+                                                                  stream)
+                    except MemoryError as e:
+                        oom.mark(e)
+                        raise
+                    arena = self.backend.zeros((plan.arena_bytes,), np.uint8, stream)
+                    for name, off in plan.offsets.items():
+                        buf = graph.buffers[name]
+                        arrays[name] = arena[off:off + buf.nbytes].view(buf.dtype).reshape(
+                            buf.shape)
                     t_exec = time.perf_counter()
-                    self._launch_all(graph, arrays, stream)
+                    self._launch_all(graph, arrays, stream, str(request.key), held)
                     self.backend.synchronize(stream)
+                    synchronized = True
                     report["exec_s"] = time.perf_counter() - t_exec
                     outputs: dict[str, Any] = {}
                     for buf in graph.outputs:
@@ -271,26 +316,43 @@ class WorkerRuntime:
                         outputs[buf.name] = handle
                 kept = keep
             finally:
+                if not synchronized:
+                    # Failed or stopped with work queued: nothing it uses is
+                    # freed, evicted or unloaded before that work is done.
+                    self._drain(stream)
                 arrays.clear()
                 self.cache.release(res, kept)
+                held.clear()
             report.update(hits=res.hits, misses=res.misses,
                           bytes_to_device=res.bytes_to_device,
                           seconds_to_device=res.seconds_to_device)
             return outputs
 
-    def _launch_all(self, graph: KernelGraph, arrays: dict[str, Any], stream: Any) -> None:
+    def _launch_all(self, graph: KernelGraph, arrays: dict[str, Any], stream: Any,
+                    key: str, held: list[Any]) -> None:
         shared_limit = self.backend.shared_mem_limit()
         if shared_limit is not None:
             check_shared_memory(graph, shared_limit)
-        compiled = []
+        compiled = held
         for index, launch in enumerate(graph.launches):
             try:
                 compiled.append(self.kernels.get(launch.kernel))
             except KaasError as e:
                 raise type(e)(e.detail, graph=graph.name, launch=index,
                               kernel=launch.kernel.name) from None
+        steps = list(zip(graph.launches, compiled))
+        in_flight: list[Any] = []
+        overdue = self.overdue
         for it in range(graph.n_iter):
-            for index, (launch, fn) in enumerate(zip(graph.launches, compiled)):
+            if graph.n_iter > 1:
+                # Bounded look-ahead: the host waits for iteration it-2 before
+                # queueing iteration it, so a stop below takes effect soon.
+                in_flight.append(self.backend.record_ready(stream))
+                if len(in_flight) > MAX_ITERATIONS_IN_FLIGHT:
+                    self.backend.wait_ready(in_flight.pop(0), None)
+            for index, (launch, fn) in enumerate(steps):
+                if deadline.expired() or key in overdue:
+                    raise self._stopped(graph, it, index, key)
                 args = [arrays[a.buffer.name] if isinstance(a, ArgRef) else a
                         for a in launch.args]
                 # The failure is raised after the except block, so that the
@@ -308,25 +370,67 @@ class WorkerRuntime:
                         raise self._device_fault(e, graph.name, index,
                                                  launch.kernel.name) from None
                     if self.backend.is_out_of_memory(e):
-                        raise  # kernel temporaries: evict and retry (_run_retrying_oom)
+                        raise  # the allocator's: evict and retry (_run_retrying_oom)
                     it_note = f" (iteration {it})" if graph.n_iter > 1 else ""
-                    # Chained, so the client's traceback shows the kernel's frames.
+                    # Chained, so the client's traceback shows the kernel's frames;
+                    # a kernel's own MemoryError lands here too (run once, no eviction).
                     failure = user_failure(KernelExecutionError, f"kernel raised{it_note}", e,
                                            graph=graph.name, launch=index,
                                            kernel=launch.kernel.name)
                 raise failure
+
+    def _stopped(self, graph: KernelGraph, it: int, index: int, key: str) -> KaasError:
+        where = f"before launch {index} of iteration {it} of {graph.n_iter}"
+        if key in self.overdue and not deadline.expired():
+            return KaasError(f"stopped {where}: the request was cancelled", graph=graph.name)
+        return RequestTimeoutError(f"stopped {where}: past its time limit", graph=graph.name)
+
+    def _drain(self, stream: Any) -> None:
+        """Wait for what is queued on ``stream`` (after a failure): a sticky
+        fault surfacing here marks the worker broken."""
+        try:
+            self.backend.synchronize(stream)
+        except Exception as e:  # noqa: BLE001 - the request already failed
+            if self.backend.is_fatal(e):
+                self._mark_broken(f"{type(e).__name__}: {e}")
+
+    def _mark_broken(self, reason: str) -> bool:
+        """Mark the worker broken (the first reason wins); whether this call
+        did (False: it was broken already, by another request)."""
+        with self._lock:
+            first = self.broken is None
+            if first:
+                self.broken = reason
+        if first and self.on_state_change is not None:
+            self.on_state_change()
+        return first
 
     def _device_fault(self, exc: BaseException, graph: str, launch: int | None = None,
                       kernel: str | None = None) -> DeviceFaultError:
         """Mark the worker broken (the first reason wins) and say so to the
         request that met the fault."""
         reason = f"{type(exc).__name__}: {exc}"
-        with self._lock:
-            if self.broken is None:
-                self.broken = reason
-        return DeviceFaultError(f"the device faulted ({reason}); its worker is restarted",
-                                graph=graph, launch=launch, kernel=kernel)
+        first = self._mark_broken(reason)
+        err = DeviceFaultError(f"the device faulted ({reason}); its worker is restarted",
+                               graph=graph, launch=launch, kernel=kernel)
+        # Met after another request broke the device: not this one's doing.
+        err.innocent = not first  # type: ignore[attr-defined]
+        return err
 
     def close(self) -> None:
+        self.kernels.clear()
         self.cache.close()
         self.backend.close()
+
+
+def check_literals(graph: KernelGraph) -> None:
+    """Refuse literals no kernel can receive as declared (``np.longdouble``:
+    CuPy would pass its 16 bytes as a complex128).  Checked here too because
+    a graph that arrives pickled was never built through ``graph.launch``."""
+    for index, launch in enumerate(graph.launches):
+        for a in launch.args:
+            if not isinstance(a, ArgRef):
+                problem = literal_problem(a)
+                if problem:
+                    raise LiteralTypeError(problem, graph=graph.name, launch=index,
+                                           kernel=launch.kernel.name)

@@ -67,6 +67,26 @@ def _need_buffer(buf: Any, wrapper: str) -> Buffer:
 
 Arg = Union[ArgRef, np.generic]
 
+#: The C types a literal can be passed as: what CuPy's launcher packs by
+#: size (1, 2, 4, 8 or 16 bytes).  ``np.longdouble`` is 16 bytes on x86-64
+#: and would be packed as a complex128: a ``double`` parameter read
+#: ``np.longdouble(1.5)`` as -2.0.
+LITERAL_KINDS = "biufc"
+
+
+def literal_problem(value: Any) -> str | None:
+    """Why ``value`` cannot be a literal argument, or None."""
+    if not isinstance(value, np.generic) or np.dtype(value.dtype).kind not in LITERAL_KINDS:
+        return (f"a literal must be a NumPy scalar of a bool, int, float or complex dtype, "
+                f"got {type(value).__name__}")
+    dt = np.dtype(value.dtype)
+    if dt.kind in "fc" and dt.itemsize > (8 if dt.kind == "f" else 16):
+        return (f"{dt.name} literals have no CUDA type (use np.float64 or np.complex128); "
+                "CuPy would pass their bytes as another type")
+    if not dt.isnative:
+        return f"literal of non-native byte order {dt.str}"
+    return None
+
 
 @dataclass(frozen=True)
 class Launch:
@@ -77,6 +97,16 @@ class Launch:
     grid: tuple[int, int, int] | None = None
     block: tuple[int, int, int] | None = None
     shared_mem: int = 0
+
+    def __post_init__(self) -> None:
+        from .errors import LiteralTypeError
+
+        for pos, a in enumerate(self.args):
+            if not isinstance(a, ArgRef):
+                problem = literal_problem(a)
+                if problem:
+                    raise LiteralTypeError(f"argument {pos}: {problem}",
+                                           kernel=getattr(self.kernel, "name", None))
 
     def buffer_args(self) -> list[ArgRef]:
         return [a for a in self.args if isinstance(a, ArgRef)]

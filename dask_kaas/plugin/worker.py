@@ -13,6 +13,7 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
+from distributed import Reschedule
 from distributed.diagnostics.plugin import WorkerPlugin
 from tornado.ioloop import PeriodicCallback
 
@@ -34,6 +35,13 @@ UPDATE_OP = "kaas-worker-update"
 #: How long past the grace period a request on a broken device waits for the
 #: restart that moves it elsewhere.
 RESTART_WAIT_S = 30.0
+
+
+class RescheduledError(KaasError, Reschedule):
+    """Hands a request back to the scheduler to be placed elsewhere.  A
+    KaasError too, so that the task function passes it on as it is (it turns
+    any other exception into a KernelExecutionError); Dask reschedules any
+    ``Reschedule``."""
 
 
 class KaasWorkerPlugin(WorkerPlugin):
@@ -83,7 +91,8 @@ class KaasWorkerPlugin(WorkerPlugin):
         # cache cannot account (device/sizing.py).
         capacity = backend.cache_capacity(limit)
         self.runtime = WorkerRuntime(backend, capacity, slots, needed_soon=self.needed_soon,
-                                     on_state_change=self.state_changed)
+                                     on_state_change=self.state_changed,
+                                     reschedule=self.await_restart)
         worker.handlers["kaas_worker_stats"] = self.handle_stats
         worker.handlers["kaas_worker_clear"] = self.handle_clear
         interval = parse_timedelta(config.get("report-interval", "200ms")) * 1000
@@ -141,11 +150,15 @@ class KaasWorkerPlugin(WorkerPlugin):
             return {}
         return {"stats": rt.stats(), "resident": rt.cache.resident()}
 
-    def handle_clear(self) -> int:
+    async def handle_clear(self) -> int:
+        """Empty the device cache.  In a thread: write-backs of kept outputs
+        copy device memory to the host, which must not stall the event loop."""
+        import asyncio
+
         rt = self.runtime
         if rt is None:
             return 0
-        rt.cache.clear()
+        await asyncio.get_running_loop().run_in_executor(None, rt.cache.clear)
         self.flush()
         return rt.cache.used_bytes
 
@@ -170,8 +183,6 @@ class KaasWorkerPlugin(WorkerPlugin):
         """Hold a request that reached a broken device until the scheduler
         restarts this worker, then hand it back to be run elsewhere
         (``Reschedule``); fail it only if no restart comes."""
-        from distributed import Reschedule
-
         from ..limits import timeout_grace
 
         worker = self.worker
@@ -179,7 +190,8 @@ class KaasWorkerPlugin(WorkerPlugin):
             self.health.park(worker.get_current_task())
         self.state_changed()
         if self._closing.wait(timeout_grace() + RESTART_WAIT_S):
-            raise Reschedule()  # the worker is going away: not this request's fault
+            raise RescheduledError(  # the worker is going away: not this request's fault
+                f"handed back to be placed elsewhere ({reason})")
         raise KaasError(f"worker {getattr(self.worker, 'address', '?')} cannot run kernels "
                         f"({reason}) and was not restarted")
 
