@@ -223,8 +223,31 @@ class KernelGraph:
 
     @property
     def nbytes(self) -> int:
-        """Device bytes the graph needs at once: every buffer it declares."""
-        return sum(b.nbytes for b in self.buffers.values())
+        """Device bytes the graph needs at once: every input, const and
+        output buffer, plus the peak of its temps (temps that are never
+        live together share memory: :mod:`.memplan`)."""
+        from .memplan import plan_temps
+
+        return sum(b.nbytes for b in self.buffers.values()
+                   if b.kind != BufferKind.TEMP) + plan_temps(self).arena_bytes
+
+    def describe(self) -> dict[str, Any]:
+        """A summary for people and logs: launches per kernel, bytes per
+        buffer kind, and the temp memory plan (peak against sum)."""
+        from .memplan import plan_temps
+
+        plan = plan_temps(self)
+        kernels: dict[str, int] = {}
+        for launch in self.launches:
+            kernels[launch.kernel.name] = kernels.get(launch.kernel.name, 0) + 1
+        kinds = {k.value: {"count": 0, "bytes": 0} for k in BufferKind}
+        for b in self.buffers.values():
+            kinds[b.kind.value]["count"] += 1
+            kinds[b.kind.value]["bytes"] += b.nbytes
+        return {"name": self.name, "launches": len(self.launches), "n_iter": self.n_iter,
+                "kernels": kernels, "buffers": kinds,
+                "temp_sum_bytes": plan.sum_bytes, "temp_peak_bytes": plan.arena_bytes,
+                "temp_ratio": round(plan.ratio, 4), "nbytes": self.nbytes}
 
     def written_buffers(self) -> set[str]:
         return {a.buffer.name for launch in self.launches for a in launch.buffer_args()

@@ -667,10 +667,11 @@ def depth_to_space(xp: Any, ins: Sequence[Any], outs: Sequence[Any], a: Attrs) -
 
 
 def space_to_depth(xp: Any, ins: Sequence[Any], outs: Sequence[Any], a: Attrs) -> None:
-    b = a.int()
+    b, crd = a.int(), a.int()
     x = ins[0]
     n, c, h, w = x.shape
-    t = x.reshape(n, c, h // b, b, w // b, b).transpose(0, 3, 5, 1, 2, 4)
+    t = x.reshape(n, c, h // b, b, w // b, b).transpose(
+        (0, 1, 3, 5, 2, 4) if crd else (0, 3, 5, 1, 2, 4))
     put(outs[0], t.reshape(outs[0].shape))
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..graph.errors import KaasError
+from ..graph.errors import InputMismatchError, KaasError
 from ..graph.graph import KernelGraph
 from ..graph.kernels import Kernel
 from ..graph.launch import In, Out
@@ -75,12 +75,16 @@ def _fixed_dims(batch: Any) -> tuple[int | None, dict[str, int]]:
 
 
 class _Importer:
-    def __init__(self, model: Any, batch: Any, name: str | None) -> None:
+    def __init__(self, model: Any, batch: Any, name: str | None,
+                 shapes: Mapping[str, tuple[int, ...]] | None = None,
+                 initializers: Mapping[str, np.ndarray] | None = None) -> None:
         import onnx
 
         self.onnx = onnx
         self.model = model
         self.batch, self.dims = _fixed_dims(batch)
+        self.shapes = dict(shapes or {})
+        self.initializers = initializers
         g = model.graph
         gname = name if name is not None else (g.name or "onnx_model")
         if name is None and name_problem(gname):
@@ -119,8 +123,19 @@ class _Importer:
                                         "a kernel graph needs static shapes",
                                         graph=self.name)
         shape = []
-        for i, d in enumerate(t.tensor_type.shape.dim):
-            if d.HasField("dim_value"):
+        given = self.shapes.get(vi.name)
+        dims = list(t.tensor_type.shape.dim)
+        if given is not None and len(given) != len(dims):
+            raise InputMismatchError(f"input {vi.name!r} has {len(given)} dimensions, the "
+                                     f"model declares {len(dims)}", graph=self.name)
+        for i, d in enumerate(dims):
+            if given is not None:
+                if d.HasField("dim_value") and d.dim_value != given[i]:
+                    raise InputMismatchError(
+                        f"input {vi.name!r} dimension {i} is {given[i]}, the model fixes it "
+                        f"at {d.dim_value}", graph=self.name)
+                shape.append(int(given[i]))
+            elif d.HasField("dim_value"):
                 if d.dim_value < 0:
                     raise self.fail(f"graph input {vi.name!r} dimension {i} is "
                                     f"{d.dim_value}")
@@ -145,7 +160,9 @@ class _Importer:
         for t in g.initializer:
             if t.name in self.values:
                 raise self.fail(f"initializer {t.name!r} is defined twice")
-            arr = tensor_array(t, f"initializer {t.name!r}")
+            arr = self.initializers.get(t.name) if self.initializers is not None else None
+            if arr is None:
+                arr = tensor_array(t, f"initializer {t.name!r}")
             self.values[t.name] = Value(arr.shape, arr.dtype, arr)
         for vi in g.input:
             if vi.name in self.values:
@@ -465,9 +482,20 @@ def from_onnx(model: Any, *, batch: int | Mapping[str, int] | None = None,
     implement, UnknownDimensionError for a dimension left open,
     OnnxImportError for anything else that is not a usable model.
     """
+    return import_model(model, batch=batch, name=name)
+
+
+def import_model(model: Any, *, batch: Any = None, name: str | None = None,
+                 shapes: Mapping[str, tuple[int, ...]] | None = None,
+                 initializers: Mapping[str, np.ndarray] | None = None
+                 ) -> tuple[KernelGraph, dict[str, np.ndarray]]:
+    """:func:`from_onnx` for callers that build one model at several shapes:
+    ``shapes`` gives graph inputs' whole shapes (they must agree with the
+    dimensions the model fixes), ``initializers`` the arrays already read
+    from the model's initializers (read once, shared by every graph)."""
     m = load_model(model)
     try:
-        return _Importer(m, batch, name).run()
+        return _Importer(m, batch, name, shapes, initializers).run()
     except KaasError:
         raise
     except RecursionError:
@@ -475,3 +503,46 @@ def from_onnx(model: Any, *, batch: int | Mapping[str, int] | None = None,
     except Exception as e:  # noqa: BLE001 - a malformed proto can break anything
         raise OnnxImportError(f"the model cannot be imported: {type(e).__name__}: "
                               f"{show(str(e))}") from None
+
+
+def param_inputs(model: Any) -> list[str]:
+    """Names of the graph inputs that the table needs as constants at import
+    (a Reshape's shape, Slice's starts, Clip's bounds, every input of an
+    operator computed only at import such as Range): a caller that knows
+    their values can make them initializers (see ``conformance.with_constants``)."""
+    from onnx import defs
+
+    m = load_model(model)
+    opset = max((int(o.version) for o in m.opset_import if o.domain in ("", "ai.onnx")),
+                default=0)
+    inputs = {vi.name for vi in m.graph.input}
+    names: list[str] = []
+    for node in m.graph.node:
+        spec = OPS.get(node.op_type)
+        if spec is None:
+            continue
+        try:
+            since = int(defs.get_schema(node.op_type, opset, "").since_version)
+        except Exception:  # noqa: BLE001 - not at this opset: the import refuses it
+            continue
+        ctx = NodeCtx("", node.op_type, since, {}, [])
+        pos = range(len(node.input)) if node.op_type in FOLD_ONLY else spec.params(ctx)
+        for i in pos:
+            if i < len(node.input) and node.input[i] in inputs and node.input[i] not in names:
+                names.append(node.input[i])
+    return names
+
+
+def with_constants(model: Any, values: Mapping[str, Any]) -> Any:
+    """A copy of ``model`` whose graph inputs named in ``values`` are
+    initializers of those values (so the importer may read them)."""
+    from onnx import numpy_helper
+
+    m = type(load_model(model))()
+    m.CopyFrom(load_model(model))
+    keep = [vi for vi in m.graph.input if vi.name not in values]
+    for name, v in values.items():
+        m.graph.initializer.append(numpy_helper.from_array(np.asarray(v), name))
+    del m.graph.input[:]
+    m.graph.input.extend(keep)
+    return m

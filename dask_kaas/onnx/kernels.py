@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from .attrs import split_args
 from .ops import OPS, OpSpec
 
@@ -21,11 +23,15 @@ def _make(spec: OpSpec) -> Callable[..., None]:
 
     def kernel(xp: Any, *args: Any) -> None:
         ins, outs, attrs = split_args(args)
-        compute(xp, ins, outs, attrs)
+        with np.errstate(all="ignore"):  # ONNX gives inf/nan silently (log(0), 0/0)
+            compute(xp, ins, outs, attrs)
 
     kernel.__name__ = kernel.__qualname__ = spec.op
     kernel.__module__ = __name__
     kernel.__doc__ = f"The ONNX {spec.op} operator as an array-function kernel."
+    # Every output element is written (results go through compute.put or a
+    # full out=), so the memory plan need not zero a reused temp first.
+    kernel.kaas_writes_all = True  # type: ignore[attr-defined]
     return kernel
 
 

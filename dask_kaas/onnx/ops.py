@@ -129,10 +129,7 @@ UNARY_ATTRS: dict[str, Encode] = {
 
 
 def _mod(ctx: NodeCtx, e: Encoder) -> None:
-    fmod = ctx.attr("fmod", 0)
-    if not fmod and ctx.ins[0] is not None and ctx.ins[0].dtype.kind == "f":
-        raise ctx.fail("fmod=0 on floats (the spec requires fmod=1)")
-    e.int(fmod)
+    e.int(ctx.attr("fmod", 0))
 
 
 def _clip(ctx: NodeCtx, e: Encoder) -> None:
@@ -466,8 +463,7 @@ def _build() -> dict[str, OpSpec]:
     add(OpSpec("ArgMin", C.arg_reduce("min"), _arg))
     add(OpSpec("CumSum", C.cumsum, _cumsum, _params(1)))
     add(OpSpec("DepthToSpace", C.depth_to_space, _depth_to_space))
-    add(OpSpec("SpaceToDepth", C.space_to_depth,
-               lambda ctx, e: e.int(ctx.attr("blocksize"))))
+    add(OpSpec("SpaceToDepth", C.space_to_depth, _depth_to_space))
     add(OpSpec("Trilu", C.einsum_free_trilu, _trilu, _params(1)))
     # Folded at import (their outputs are constants once shapes are fixed).
     for name in ("Shape", "Size", "Constant", "ConstantOfShape", "Range"):
