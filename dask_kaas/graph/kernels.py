@@ -98,6 +98,11 @@ class Kernel:
         if not _encodable(source, *options, *name_expressions):
             raise KernelDefinitionError("CUDA source and options must be valid Unicode (a lone "
                                         "surrogate cannot be compiled or written)", kernel=name)
+        # No #include, no file options: refused here already, so a client or
+        # the gateway hears it at once (workers check again before compiling).
+        from ..device.cuda_source import check_source
+
+        check_source(source, options, name)
         exprs = tuple(name_expressions)
         if exprs and name not in exprs:
             exprs = exprs + (name,)
