@@ -146,8 +146,14 @@ class ConstRegistry:
     def nbytes(self) -> int:
         return sum(e.nbytes for e in self.entries.values())
 
-    def future(self, token: str, arr: np.ndarray) -> Future:
-        """The cluster copy of ``arr`` (content ``token``), scattered if needed."""
+    def future(self, token: str, arr: np.ndarray, fresh: bool = True) -> Future:
+        """The cluster copy of ``arr`` (content ``token``), scattered if needed.
+
+        ``fresh=False`` sends it ahead of any request (the gateway, on upload):
+        the entry is then not counted as in use for :data:`FRESH_S`, so it
+        stays only while the caller holds ``arr`` (and within the budget),
+        and a value replaced before any request used it is released at once.
+        """
         now = time.monotonic()
         with self.lock:
             e = self.entries.get(token)
@@ -161,7 +167,9 @@ class ConstRegistry:
                 e.source = weakref.ref(arr, self._source_died)
             except TypeError:
                 e.source = None
-            e.fresh_at = e.last_used = now
+            if fresh:
+                e.fresh_at = now
+            e.last_used = now
             e.array = np.asarray(arr, order="C")
             self.entries.move_to_end(token)
             fut = e.future

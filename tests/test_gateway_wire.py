@@ -380,15 +380,15 @@ def test_registry_namespaces_and_bounds():
     reg.put("alice", "n", layer())
     with pytest.raises(BadRequestError, match="models"):
         reg.put("alice", "third", layer())
-    reg.set_const("alice", "m", "w", np.zeros((3, 2), np.float32))  # 24 bytes
+    reg.set_const("alice", "m", "w", np.zeros((3, 2), np.float32), "t")  # 24 bytes
     with pytest.raises(GatewayError) as info:
-        reg.set_const("alice", "n", "w", np.zeros((3, 2), np.float32))
+        reg.set_const("alice", "n", "w", np.zeros((3, 2), np.float32), "t")
     assert info.value.status == 413
     assert reg.get("alice", "m").ready and not reg.get("bob", "m").ready
     with pytest.raises(GatewayError) as info:
         reg.get("bob", "n")  # alice's
     assert info.value.status == 404
     with pytest.raises(BadRequestError):
-        reg.set_const("alice", "m", "x", np.zeros((2, 3), np.float32))  # an input
+        reg.set_const("alice", "m", "x", np.zeros((2, 3), np.float32), "t")  # an input
     assert reg.retain_tenants(["bob"]) == ["alice"]
     assert reg.list("alice") == [] and [m.name for m in reg.list("bob")] == ["m"]

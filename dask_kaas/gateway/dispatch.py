@@ -21,9 +21,15 @@ would deadlock.  So:
   the same way (``client.cancel(..., asynchronous=True)``), so an abandoned
   request that has not started never runs.
 
-Consts are scattered here once per uploaded value, under the content-hash
-key the client uses for consts (so equal weights share one cluster copy and
-one device-cache entry), and passed to requests as futures.
+Consts go through the client's own const registry
+(:class:`~dask_kaas.consts.ConstRegistry`), exactly as the direct client's
+do: found by content token (taken once, at upload: a const is read-only
+here), sent to two workers, under a fresh key if the token was released
+before (Dask forgets a released key asynchronously, so re-sending the same
+key could be undone by that release), and sent again with its requests by
+the client's :class:`~dask_kaas.resend.Resender` if every copy dies with its
+workers.  The gateway holds no const future of its own: the model holds the
+array, and the registry keeps the cluster copy while that array lives.
 
 Admission (``max_in_flight`` per tenant, 429) is counted here too, on the
 HTTP loop thread only.
@@ -39,10 +45,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from dask.base import tokenize
 from distributed import Future
 
-from ..client import KaasClient
+from ..client import KaasClient, _state
+from ..consts import ConstRegistry
 from ..device.handles import DeviceArray
 from ..graph.graph import KernelGraph
 from .errors import GatewayTimeoutError, TooManyRequestsError
@@ -81,19 +87,24 @@ class Dispatcher:
             self.in_flight[tenant.name] = n
 
     # -- consts --------------------------------------------------------------
-    async def scatter(self, value: np.ndarray) -> Future:
-        """Send a const to the cluster; its future."""
-        key = f"kaas-const-{tokenize(value)}"
-        futures = await self.call(self.client.scatter, {key: value}, hash=False)
-        return futures[key]
+    def _consts(self) -> ConstRegistry:
+        """The client's const registry (the plugins installed first: it asks
+        the scheduler which workers run graphs).  Blocking: a pool thread."""
+        state = _state(self.client)
+        state.ensure()
+        return state.consts
 
-    async def const_inputs(self, model: Model) -> dict[str, Future]:
-        """The model's consts as futures, sending any the cluster lacks."""
-        for name, value in model.consts.items():
-            fut = model.futures.get(name)
-            if fut is None or fut.status in ("lost", "error", "cancelled"):
-                model.futures[name] = await self.scatter(value)
-        return dict(model.futures)
+    async def send_const(self, value: np.ndarray, token: str) -> None:
+        """Send an uploaded const ahead of its first request.  Not counted as
+        in use: it stays on the cluster while the model holds ``value``."""
+        await self.call(lambda: self._consts().future(token, value, fresh=False))
+
+    def const_futures(self, consts: Mapping[str, tuple[np.ndarray, str]]) -> dict[str, Future]:
+        """The cluster copy of each ``name: (value, token)``, sent where the
+        cluster lacks it.  Blocking: a pool thread, just before the submission
+        that holds them (see ``ConstRegistry.hold``)."""
+        registry = self._consts()
+        return {name: registry.future(token, value) for name, (value, token) in consts.items()}
 
     # -- running -----------------------------------------------------------
     async def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -102,8 +113,11 @@ class Dispatcher:
         return await loop.run_in_executor(self.pool, lambda: fn(*args, **kwargs))
 
     async def run(self, graph: KernelGraph, inputs: Mapping[str, Any], tenant: str,
-                  weight: float, timeout_s: float) -> dict[str, np.ndarray]:
+                  weight: float, timeout_s: float,
+                  consts: Mapping[str, tuple[np.ndarray, str]] | None = None
+                  ) -> dict[str, np.ndarray]:
         """Run ``graph`` for ``tenant``; its outputs as host arrays.
+        ``consts``: ``name: (value, content token)`` of the model's consts.
 
         Raises GatewayTimeoutError past ``timeout_s`` (counted from now, so
         the submission counts too) and the graph's own KaasError if it fails.
@@ -114,7 +128,8 @@ class Dispatcher:
         limit = {"timeout": timeout_s} if _SUBMIT_TAKES_TIMEOUT else {}
 
         def submit() -> tuple[Future, concurrent.futures.Future]:
-            fut = self.client.submit_kernel_graph(graph, inputs, tenant=tenant, weight=weight,
+            values = {**inputs, **self.const_futures(consts or {})}
+            fut = self.client.submit_kernel_graph(graph, values, tenant=tenant, weight=weight,
                                                   **limit)
             # start waiting on the client's loop now, not after a hop back to this one
             return fut, asyncio.run_coroutine_threadsafe(

@@ -10,6 +10,7 @@ from typing import Any
 
 from tornado.web import HTTPError
 
+from ..consts import content_token
 from ..graph import errors as graph_errors
 from ..graph.errors import KaasError, NoKaasWorkersError
 from .admission import admit_graph
@@ -63,9 +64,11 @@ class ConstHandler(BodyHandler):
                                 model.graph.buffers[buffer], model.graph.name)
         self.gw.dispatcher.admit(self.principal)  # uploads share the tenant's max_in_flight
         try:
-            self.gw.registry.set_const(self.principal.name, name, buffer, value)
+            value.setflags(write=False)  # a const is promised never to change
+            token = await self.gw.dispatcher.call(content_token, value)
+            self.gw.registry.set_const(self.principal.name, name, buffer, value, token)
             try:
-                model.futures[buffer] = await self.gw.dispatcher.scatter(value)  # sent once
+                await self.gw.dispatcher.send_const(value, token)  # ahead of the first request
             except Exception as e:  # noqa: BLE001 - kept; sent again with the next request
                 logger.warning("const %s of %s/%s not sent yet: %r", buffer,
                                self.principal.name, name, e)
@@ -143,10 +146,9 @@ class InferHandler(BodyHandler):
     async def _infer(self, model: Any, request: Any) -> dict[str, Any]:
         assert self.principal is not None
         timeout = min(self.gw.request_timeout, request.timeout_s or math.inf)
-        consts = await self.gw.dispatcher.const_inputs(model)
-        return await self.gw.dispatcher.run(model.graph, {**request.inputs, **consts},
-                                            self.principal.name,
-                                            self.gw.weight_of(self.principal), timeout)
+        return await self.gw.dispatcher.run(model.graph, request.inputs, self.principal.name,
+                                            self.gw.weight_of(self.principal), timeout,
+                                            self.gw.registry.const_inputs(model))
 
     def on_connection_close(self) -> None:
         """The caller went away: cancel its request (and the Dask future)."""

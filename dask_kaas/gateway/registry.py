@@ -4,12 +4,13 @@ Names are per tenant, and a lookup only ever searches the caller's own
 namespace, so another tenant's model is *not found* (404), never forbidden:
 its existence is not disclosed.  Every per-tenant structure is bounded (model
 count, const bytes), and a tenant dropped from the tenants file loses its
-models.  A const is sent to the cluster once, when it is uploaded, and the
-model holds its Dask future: requests pass the future (cached on the devices
-like any const, by its key), and replacing or deleting the model drops the
-future, so the cluster forgets values no model uses any more (a tenant that
-uploads new weights in a loop cannot fill the cluster).  The host copy stays
-here, bounded per tenant, to send again if a worker holding it is lost.
+models.  A const is read-only once uploaded; its content token is taken then,
+once.  It is sent to the cluster through the client's const registry (see
+:mod:`dask_kaas.gateway.dispatch`), which keeps the cluster copy while the
+model holds the array here: replacing or deleting the model drops the array,
+so the cluster forgets values no model uses any more (a tenant that uploads
+new weights in a loop cannot fill the cluster).  The host copy stays here,
+bounded per tenant, to send again if every worker holding it is lost.
 Only the gateway's event-loop thread touches a registry.
 """
 
@@ -19,8 +20,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-from distributed import Future
-
 from ..graph.buffers import BufferKind
 from ..graph.graph import KernelGraph
 from .errors import BadRequestError, ModelNotFoundError, PayloadTooLargeError
@@ -42,8 +41,8 @@ class Model:
     name: str
     graph: KernelGraph
     consts: dict[str, np.ndarray] = field(default_factory=dict)
-    #: the cluster copy of each const (absent until sent)
-    futures: dict[str, Future] = field(default_factory=dict)
+    #: the content token of each const (see dask_kaas.consts.content_token)
+    tokens: dict[str, str] = field(default_factory=dict)
 
     @property
     def const_names(self) -> list[str]:
@@ -97,7 +96,13 @@ class ModelRegistry:
     def list(self, tenant: str) -> list[Model]:
         return [self._models[tenant][n] for n in sorted(self._models.get(tenant, {}))]
 
-    def set_const(self, tenant: str, name: str, buffer: str, value: np.ndarray) -> None:
+    def const_inputs(self, model: Model) -> dict[str, tuple[np.ndarray, str]]:
+        """``name: (value, token)`` of the model's consts, as they are now."""
+        return {n: (v, model.tokens[n]) for n, v in model.consts.items()}
+
+    def set_const(self, tenant: str, name: str, buffer: str, value: np.ndarray,
+                  token: str) -> None:
+        """Keep ``value`` (content ``token``) as the model's const ``buffer``."""
         model = self.get(tenant, name)
         if buffer not in model.const_names:
             raise BadRequestError(f"not a const of the model; its consts are "
@@ -113,7 +118,7 @@ class ModelRegistry:
                 graph=model.graph.name, buffer=buffer)
         value.setflags(write=False)  # a const is promised never to change
         model.consts[buffer] = value
-        model.futures.pop(buffer, None)
+        model.tokens[buffer] = token
 
     def retain_tenants(self, tenants: Iterable[str]) -> list[str]:
         """Forget the models of tenants no longer in the tenants file."""
