@@ -15,14 +15,13 @@ import concurrent.futures
 import json
 import os
 import signal
-import threading
 import time
 
 import numpy as np
 import pytest
+from gateway_helpers import GatewayProcess, tenants_yaml
 
 from dask_kaas import In, KaasClient, Kernel, KernelGraph, LocalKaasCluster, Out
-from gateway_helpers import GatewayProcess, tenants_yaml
 
 TOKEN = "erin-token"
 N = 192

@@ -52,7 +52,6 @@ from ..consts import ConstRegistry
 from ..device.handles import DeviceArray
 from ..graph.graph import KernelGraph
 from .errors import GatewayTimeoutError, TooManyRequestsError
-from .registry import Model
 from .tenants import Principal
 
 logger = logging.getLogger(__name__)

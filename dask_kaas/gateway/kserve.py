@@ -25,7 +25,14 @@ import numpy as np
 from ..graph.buffers import BufferKind
 from ..graph.graph import KernelGraph
 from .errors import BadRequestError
-from .tensors import check_shape, kserve_datatype, tensor_from_bytes, tensor_from_json
+from .json_tensors import NonFinite
+from .tensors import (
+    check_shape,
+    kserve_datatype,
+    tensor_from_bytes,
+    tensor_from_json,
+    tensor_to_json,
+)
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MAX_ID_CHARS = 256
@@ -46,9 +53,20 @@ class InferRequest:
     parameters: dict[str, Any] = field(default_factory=dict)
 
 
-def loads_json(raw: bytes | memoryview, what: str) -> Any:
-    """Strict JSON: UTF-8, no duplicate keys, bounded nesting.  Any failure
-    is a BadRequestError (never RecursionError or UnicodeDecodeError)."""
+def _refuse_constant(what: str) -> Any:
+    def refuse(text: str) -> Any:
+        raise BadRequestError(f"{what} holds {text}, which is not JSON (JSON has no NaN "
+                              "or Infinity)")
+    return refuse
+
+
+def loads_json(raw: bytes | memoryview, what: str, non_finite: bool = False) -> Any:
+    """Strict JSON: UTF-8, no duplicate keys, bounded nesting, no ``NaN`` or
+    ``Infinity`` (Python's json reads them; JSON has neither).  Any failure
+    is a BadRequestError (never RecursionError, UnicodeDecodeError or the
+    ValueError of an integer over Python's 4300 digits).  ``non_finite``:
+    read those tokens as :class:`NonFinite` markers instead, so that the
+    tensor holding one is named when it is refused."""
     try:
         text = bytes(raw).decode("utf-8")
     except UnicodeDecodeError as e:
@@ -60,12 +78,16 @@ def loads_json(raw: bytes | memoryview, what: str) -> Any:
             raise BadRequestError(f"{what} repeats a key in one object")
         return d
 
+    constant = NonFinite if non_finite else _refuse_constant(what)
     try:
-        return json.loads(text, object_pairs_hook=no_duplicates)
+        return json.loads(text, object_pairs_hook=no_duplicates, parse_constant=constant)
     except json.JSONDecodeError as e:
         raise BadRequestError(f"{what} is not valid JSON: {e}") from None
     except RecursionError:
         raise BadRequestError(f"{what} is nested too deeply") from None
+    except ValueError as e:  # an integer literal over Python's digit limit
+        raise BadRequestError(f"{what} holds a number that cannot be read: "
+                              f"{str(e)[:120]}") from None
 
 
 def parse_header_length(value: str | None, body_length: int) -> int | None:
@@ -118,7 +140,7 @@ def decode_infer_request(body: bytes, header_length: str | None,
     n = parse_header_length(header_length, len(body))
     view = memoryview(body)
     header, binary = (view, view[:0]) if n is None else (view[:n], view[n:])
-    doc = loads_json(header, "the inference request")
+    doc = loads_json(header, "the inference request", non_finite=True)
     if not isinstance(doc, Mapping):
         raise BadRequestError("the inference request must be a JSON object", graph=model)
     params = _mapping(doc.get("parameters"), "parameters", model)
@@ -241,13 +263,13 @@ def encode_infer_response(graph: KernelGraph, request: InferRequest,
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:
-            entry["data"] = arr.ravel().tolist()
+            entry["data"] = tensor_to_json(arr, buf, graph.name)
         outputs.append(entry)
     doc: dict[str, Any] = {"model_name": model_name or graph.name, "model_version": version,
                            "outputs": outputs}
     if request.id is not None:
         doc["id"] = request.id
-    header = json.dumps(doc).encode("utf-8")
+    header = json.dumps(doc, allow_nan=False).encode("utf-8")
     if not blobs:
         return header, None
     return b"".join([header, *blobs]), len(header)

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from ..graph.buffers import BufferKind
 from ..graph.graph import KernelGraph
 from .errors import BadRequestError, ModelNotFoundError, PayloadTooLargeError

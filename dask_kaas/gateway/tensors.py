@@ -16,6 +16,10 @@ import numpy as np
 
 from ..graph.buffers import Buffer
 from .errors import BadRequestError
+from .json_tensors import tensor_from_json, tensor_to_json
+
+__all__ = ["DATATYPES", "kserve_datatype", "check_shape", "tensor_from_json", "tensor_to_json",
+           "tensor_from_bytes", "const_from_body"]
 
 #: KServe v2 tensor datatypes of the NumPy dtypes a buffer may have.
 #: (BYTES and BF16 have no buffer dtype; complex numbers have no KServe type.)
@@ -49,43 +53,6 @@ def check_shape(shape: Any, buf: Buffer, model: str) -> None:
     if tuple(shape) != buf.shape:
         raise _fail(model, buf.name, f"shape {_short(shape)} differs from the model's "
                                      f"{list(buf.shape)}")
-
-
-def tensor_from_json(data: Any, buf: Buffer, model: str) -> np.ndarray:
-    """A tensor from a KServe JSON ``data`` field: flat (row-major) or nested
-    to exactly the buffer's shape."""
-    if not isinstance(data, list):
-        raise _fail(model, buf.name, f"data must be a JSON array, got {type(data).__name__}")
-    try:
-        arr = np.array(data)
-    except (ValueError, TypeError, OverflowError, RecursionError, MemoryError) as e:
-        raise _fail(model, buf.name, f"data is not a regular array of numbers: "
-                                     f"{type(e).__name__}") from None
-    size = int(np.prod(buf.shape, dtype=np.int64))
-    if arr.shape not in ((size,), buf.shape):
-        raise _fail(model, buf.name, f"data has shape {list(arr.shape)}; expected "
-                                     f"{size} values (flat) or shape {list(buf.shape)}")
-    if arr.size == 0:
-        return np.zeros(buf.shape, buf.dtype)
-    kind, target = arr.dtype.kind, buf.dtype
-    allowed = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}.get(target.kind, "")
-    if kind not in allowed:
-        what = {"U": "strings", "O": "non-numbers or out-of-range integers", "b": "booleans",
-                "f": "non-integers"}.get(kind, f"values of kind {kind!r}")
-        raise _fail(model, buf.name, f"data holds {what}; the tensor is "
-                                     f"{kserve_datatype(target)}")
-    if target.kind in "iu":
-        info = np.iinfo(target)
-        if int(arr.min()) < info.min or int(arr.max()) > info.max:
-            raise _fail(model, buf.name, f"a value is out of range for "
-                                         f"{kserve_datatype(target)}")
-    elif target.kind == "f" and kind == "f":
-        finite = arr[np.isfinite(arr)]
-        if finite.size and float(np.abs(finite).max()) > float(np.finfo(target).max):
-            raise _fail(model, buf.name, f"a finite value is too large for "
-                                         f"{kserve_datatype(target)}")
-    with np.errstate(over="ignore", invalid="ignore"):
-        return arr.astype(target).reshape(buf.shape)
 
 
 def tensor_from_bytes(raw: bytes | memoryview, buf: Buffer, model: str) -> np.ndarray:
