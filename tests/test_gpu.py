@@ -5,7 +5,12 @@ the NumPy reference; cross-stream hits on a large const; buffers larger
 than a staging chunk; more than 48 KiB of shared memory; eviction checked
 against RMM's own statistics; keep_on_device chaining; graphs overlapping on
 two streams, measured with CUDA events.  The decisions behind these paths
-are tested without a GPU in test_cuda_logic.py.
+are tested without a GPU in test_cuda_logic.py and test_gpu_review.py; the
+second review's device checks are at the end of this file (modules
+unloaded on eviction, CuPy's NVRTC fallback compiling for real, the
+allocator's out-of-memory told from a kernel's, an ``n_iter`` graph
+stopping at its deadline, include refusal on a worker, blame on a fault
+between two slots).
 """
 
 from __future__ import annotations
@@ -222,6 +227,10 @@ def test_two_slots_run_graphs_at_the_same_time_on_the_gpu():
     backend = CudaBackend(device_memory_limit="512MB")
     rt = WorkerRuntime(backend, backend.cache_capacity(), slots=2)
     try:
+        # Compile (and load) every kernel first: otherwise both threads
+        # compile cold at once and the measured spans hold NVRTC, not the GPU.
+        warm = GraphRequest("spin-warm", "spin-9", "t", [InputRef("x", 128, None)])
+        rt.run(spin_graph(9), warm, [np.zeros(32, np.float32)])
         EVENTS.clear()
         ref = cupy.cuda.Event()
         ref.record()
@@ -395,3 +404,183 @@ def test_jacobi_cuda_matches_cpu_implementation(gpu_client):
                                          {"A": A, "b": b, "x0": x0}).result()["x"]
     np.testing.assert_allclose(out, jacobi_wl.reference(A, b, x0, iters), rtol=1e-4,
                                atol=1e-5)
+
+
+# -- the second review (issue 17; issue 16 items 4 and 10) ---------------------------
+
+@pytest.fixture
+def gpu_runtime():
+    from dask_kaas.device.cuda import CudaBackend
+    from dask_kaas.device.runtime import WorkerRuntime
+
+    backend = CudaBackend(device_memory_limit="512MB")
+    rt = WorkerRuntime(backend, backend.cache_capacity(), slots=2)
+    try:
+        yield rt
+    finally:
+        rt.close()
+
+
+def _request(key, graph, inputs=("x",)):
+    from dask_kaas.request import GraphRequest, InputRef
+
+    return GraphRequest(key, graph.name, "t", [InputRef(n, 128, None) for n in inputs])
+
+
+def fill_graph(tag: int) -> KernelGraph:
+    src = (f"// variant {tag}\n"
+           'extern "C" __global__ void fill(float* y, float v) { y[threadIdx.x] = v; }')
+    g = KernelGraph(f"fill-{tag}")
+    x = g.input("x", (32,), np.float32)
+    y = g.output("y", (32,), np.float32)
+    g.launch(Kernel.library("copy"), [x, Out(y)])
+    g.launch(Kernel.cuda(src, "fill"), [InOut(y), np.float32(tag)], grid=1, block=32)
+    return g
+
+
+def test_evicted_kernels_unload_their_modules_on_the_gpu(gpu_runtime):
+    import gc
+    import weakref
+
+    from dask_kaas.device.kernel_cache import KernelCache
+
+    rt = gpu_runtime
+    rt.kernels = KernelCache(rt.backend, max_entries=3)  # copy + the two latest fills
+    refs = []
+    for tag in range(6):  # a tenant varying a comment
+        out = rt.run(fill_graph(tag), _request(f"f{tag}", fill_graph(tag)),
+                     [np.zeros(32, np.float32)])[0]["y"]
+        np.testing.assert_array_equal(out, np.full(32, tag, np.float32))
+        launcher = rt.kernels.get(fill_graph(tag).launches[1].kernel)
+        refs.append(weakref.ref(launcher))  # the module's only holder
+        del launcher
+    gc.collect()
+    alive = [r() is not None for r in refs]
+    assert alive[-2:] == [True, True] and not any(alive[:-2]), alive
+    again = rt.run(fill_graph(0), _request("f0b", fill_graph(0)), [np.zeros(32, np.float32)])
+    np.testing.assert_array_equal(again[0]["y"], np.zeros(32, np.float32))
+
+
+def test_cupys_nvrtc_compiles_and_runs_a_kernel(gpu_runtime):
+    """The fallback for a worker without cuda-bindings' libnvrtc, for real."""
+    import cupy
+
+    from dask_kaas.device.nvrtc import CupyNvrtc, choose_image, compile_for_device
+
+    be = gpu_runtime.backend
+    api = CupyNvrtc(cupy.cuda.nvrtc)
+    image = choose_image(api.version(), be.driver_version, be.arch, api.archs())
+    tmpl = Kernel.cuda("template <typename T> __global__ void put(T* y, T v) "
+                       "{ y[threadIdx.x] = v; }", "put<float>", name_expressions=["put<float>"])
+    binary, function = compile_for_device(tmpl, image, api)
+    launcher = be._kernels.load(binary, image[0], "put<float>", function)
+    y = cupy.zeros(32, cupy.float32)
+    from dask_kaas.graph.launch import Launch
+
+    stream = cupy.cuda.Stream(non_blocking=True)
+    launcher(Launch(tmpl, (), (1, 1, 1), (32, 1, 1), 0), [y, np.float32(7)], stream)
+    stream.synchronize()
+    np.testing.assert_array_equal(y.get(), np.full(32, 7, np.float32))
+    with pytest.raises(KernelDefinitionError, match="refused"):
+        compile_for_device(Kernel(Kernel.CUDA, "k", source='#include "/etc/hostname"\n'),
+                           image, api)
+
+
+def _huge(xp, x, y):
+    xp.empty(1 << 45, xp.uint8)  # 32 TiB: the allocator fails
+
+
+def _raises_memory_error(xp, x, y):
+    raise MemoryError("the kernel's own")
+
+
+def test_the_allocators_oom_is_retried_and_a_kernels_memory_error_is_not(gpu_runtime):
+    import cupy
+
+    from dask_kaas import DeviceOutOfMemoryError, KernelExecutionError
+
+    assert hasattr(cupy.cuda.get_allocator(), "__wrapped__")  # the tagging allocator
+    rt = gpu_runtime
+    for fn, err in ((_huge, DeviceOutOfMemoryError), (_raises_memory_error,
+                                                       KernelExecutionError)):
+        g = KernelGraph(fn.__name__.strip("_"))
+        x = g.input("x", (32,), np.float32)
+        g.launch(Kernel.array(fn, name="k"), [x, Out(g.output("y", (32,), np.float32))])
+        with pytest.raises(err) as info:
+            rt.run(g, _request("m", g), [np.zeros(32, np.float32)])
+        assert type(info.value) is err
+
+
+def test_a_long_n_iter_graph_stops_at_its_deadline_on_the_gpu(gpu_runtime):
+    from dask_kaas import RequestTimeoutError
+
+    rt = gpu_runtime
+    g = KernelGraph("spin-long", n_iter=100_000)
+    y = g.output("y", (32,), np.float32)
+    g.launch(Kernel.cuda(SPIN_SOURCE, "spin"), [InOut(y), np.int64(20_000_000)], grid=1,
+             block=32)  # ~10 ms per launch: 1000 s in all
+    with pytest.raises(RequestTimeoutError):
+        rt.run(g, _request("long", g, ()), [], timeout=1.0)
+    import time
+
+    end = time.monotonic() + 30
+    while rt.overdue and time.monotonic() < end:
+        time.sleep(0.05)
+    assert rt.overdue == {}  # stopped within a few launches: no restart needed
+
+
+def test_a_forged_include_is_refused_by_the_worker(gpu_client):
+    g = KernelGraph("forged")
+    y = g.output("y", (32,), np.float32)
+    g.launch(Kernel.cuda(SPIN_SOURCE, "spin"), [InOut(y), np.int64(1)], grid=1, block=32)
+    forged = g.launches[0].kernel
+    forged.source = '#include "/etc/hostname"\n' + SPIN_SOURCE  # skips Kernel.cuda's check
+    forged._key = None
+    with pytest.raises(KernelDefinitionError, match="refused") as info:
+        gpu_client.submit_kernel_graph(g, {}).result()
+    assert "/etc/hostname(" not in str(info.value)
+
+
+def test_pool_leaves_the_reserve_outside_it(gpu_client):
+    for w in gpu_client.kaas_stats()["workers"].values():
+        assert w["device_reserve_bytes"] >= 2**30
+        assert w["pool_bytes"] + w["device_reserve_bytes"] <= w["device_total_bytes"]
+
+
+def test_a_fault_on_one_slot_blames_one_request(gpu_runtime):
+    """A wild kernel on one slot while another slot spins: exactly one of the
+    two is blamed; the other finished first or is handed back.  Last in this
+    file: the fault poisons this process's CUDA context for good."""
+    from dask_kaas import DeviceFaultError
+
+    rt = gpu_runtime
+    handed_back = []
+
+    def reschedule(reason):
+        handed_back.append(reason)
+        raise RuntimeError("handed back")
+
+    rt.reschedule = reschedule
+    wild = KernelGraph("wild")
+    wy = wild.output("y", (32,), np.float32)
+    wild.launch(Kernel.cuda(WILD_SOURCE, "wild"), [InOut(wy)], grid=1, block=32)
+    spin = KernelGraph("spin-bystander")
+    sy = spin.output("y", (32,), np.float32)
+    spin.launch(Kernel.cuda(SPIN_SOURCE, "spin"), [InOut(sy), np.int64(2_000_000_000)],
+                grid=1, block=32)
+    results = {}
+
+    def go(name, g):
+        try:
+            results[name] = rt.run(g, _request(name, g, ()), [])
+        except BaseException as e:  # noqa: BLE001
+            results[name] = e
+
+    threads = [threading.Thread(target=go, args=a) for a in (("spin", spin), ("wild", wild))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    blamed = [n for n, r in results.items() if isinstance(r, DeviceFaultError)]
+    assert len(blamed) == 1, results
+    assert rt.broken is not None and len(handed_back) <= 1
