@@ -36,8 +36,13 @@ setup(
             # the cuda12/cuda13 extras narrow these to one CUDA major version.
             "cuda-bindings>=12.8,<14",
             "nvidia-cuda-nvrtc>=13.0,<14",
+            # ONNX import: conformance cases and models checked against onnxruntime
+            "onnx>=1.16",
+            "onnxruntime>=1.17",
         ],
         "bench": ["matplotlib>=3.7"],
+        # KernelGraph.from_onnx / dask_kaas.onnx (the kernels themselves need only NumPy)
+        "onnx": ["onnx>=1.16"],
         # Workers compile CUDA C with NVRTC into a cubin for their device, which
         # loads on any driver of the same CUDA major version (PTX would need a
         # driver at least as new as NVRTC): NVRTC's major version is pinned.

@@ -43,6 +43,12 @@ MAX_SHAPE_DATA = 1 << 16
 MAX_NODES = 200_000
 
 
+def _short(text: str, limit: int = 300) -> str:
+    """A message from ONNX, bounded and on one line."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 @dataclass
 class _Step:
     """One launch to emit."""
@@ -219,7 +225,7 @@ class _Importer:
                 schema, node, types, data, opset_imports=list(self.model.opset_import))
         except Exception as e:  # noqa: BLE001 - InferenceError, ValidationError, ...
             raise UnsupportedOperatorError(
-                f"shape inference refuses the node: {show(str(e).strip())}", node=label,
+                f"shape inference refuses the node: {_short(str(e))}", node=label,
                 op=node.op_type, graph=self.name) from None
         outs = []
         for name in node.output:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from . import compute as C
+from . import compute as ops_compute
 from .attrs import Encoder
 from .errors import UnsupportedOperatorError
 
@@ -414,57 +414,57 @@ def _build() -> dict[str, OpSpec]:
     def add(spec: OpSpec) -> None:
         table[spec.op] = spec
 
-    for name in C.UNARY:
+    for name in ops_compute.UNARY:
         if name == "Identity":
             continue
-        add(OpSpec(name, C.unary(name), UNARY_ATTRS.get(name, _nothing)))
-    for name in C.BINARY:
-        add(OpSpec(name, C.binary(name)))
-    add(OpSpec("Mod", C.mod, _mod))
+        add(OpSpec(name, ops_compute.unary(name), UNARY_ATTRS.get(name, _nothing)))
+    for name in ops_compute.BINARY:
+        add(OpSpec(name, ops_compute.binary(name)))
+    add(OpSpec("Mod", ops_compute.mod, _mod))
     for name in ("Sum", "Mean", "Max", "Min"):
-        add(OpSpec(name, C.variadic(name)))
-    add(OpSpec("Where", C.where))
-    add(OpSpec("Clip", C.clip, _clip, _params(1, 2, since=11)))
-    add(OpSpec("Cast", C.cast))
-    add(OpSpec("CastLike", C.cast, params=_params(1)))
-    add(OpSpec("MatMul", C.matmul))
-    add(OpSpec("Gemm", C.gemm, _gemm))
-    add(OpSpec("Conv", C.conv, _conv))
-    add(OpSpec("MaxPool", C.max_pool, _pool(False)))
-    add(OpSpec("AveragePool", C.average_pool, _pool(True)))
-    add(OpSpec("GlobalAveragePool", C.global_pool("avg")))
-    add(OpSpec("GlobalMaxPool", C.global_pool("max")))
-    add(OpSpec("BatchNormalization", C.batch_norm, _bn))
-    add(OpSpec("InstanceNormalization", C.instance_norm, _float_attrs(("epsilon", 1e-5))))
-    add(OpSpec("LayerNormalization", C.layer_norm, _layer_norm, max_outputs=3))
-    add(OpSpec("LRN", C.lrn, _lrn))
-    add(OpSpec("Softmax", C.softmax("soft"), _softmax))
-    add(OpSpec("LogSoftmax", C.softmax("log"), _softmax))
-    add(OpSpec("Hardmax", C.softmax("hard"), _softmax))
-    add(OpSpec("Identity", C.reshape))
-    add(OpSpec("Reshape", C.reshape, params=_params(1)))
-    add(OpSpec("Flatten", C.reshape))
-    add(OpSpec("Squeeze", C.reshape, params=_params(1, since=13)))
-    add(OpSpec("Unsqueeze", C.reshape, params=_params(1, since=13)))
-    add(OpSpec("Dropout", C.reshape, _dropout, _params(1, 2, since=12), max_outputs=2))
-    add(OpSpec("Expand", C.expand, params=_params(1)))
-    add(OpSpec("Tile", C.tile, _tile, _params(1)))
-    add(OpSpec("Transpose", C.transpose, _transpose))
-    add(OpSpec("Concat", C.concat, _concat))
-    add(OpSpec("Split", C.split, _axis(), _params(1, since=13), max_outputs=64))
-    add(OpSpec("Slice", C.slice_, _slice, _params(1, 2, 3, 4, since=10)))
-    add(OpSpec("Gather", C.gather, _axis()))
-    add(OpSpec("GatherElements", C.gather_elements, _axis()))
-    add(OpSpec("Pad", C.pad, _pad, _params(1, 2, 3, since=11)))
+        add(OpSpec(name, ops_compute.variadic(name)))
+    add(OpSpec("Where", ops_compute.where))
+    add(OpSpec("Clip", ops_compute.clip, _clip, _params(1, 2, since=11)))
+    add(OpSpec("Cast", ops_compute.cast))
+    add(OpSpec("CastLike", ops_compute.cast, params=_params(1)))
+    add(OpSpec("MatMul", ops_compute.matmul))
+    add(OpSpec("Gemm", ops_compute.gemm, _gemm))
+    add(OpSpec("Conv", ops_compute.conv, _conv))
+    add(OpSpec("MaxPool", ops_compute.max_pool, _pool(False)))
+    add(OpSpec("AveragePool", ops_compute.average_pool, _pool(True)))
+    add(OpSpec("GlobalAveragePool", ops_compute.global_pool("avg")))
+    add(OpSpec("GlobalMaxPool", ops_compute.global_pool("max")))
+    add(OpSpec("BatchNormalization", ops_compute.batch_norm, _bn))
+    add(OpSpec("InstanceNormalization", ops_compute.instance_norm, _float_attrs(("epsilon", 1e-5))))
+    add(OpSpec("LayerNormalization", ops_compute.layer_norm, _layer_norm, max_outputs=3))
+    add(OpSpec("LRN", ops_compute.lrn, _lrn))
+    add(OpSpec("Softmax", ops_compute.softmax("soft"), _softmax))
+    add(OpSpec("LogSoftmax", ops_compute.softmax("log"), _softmax))
+    add(OpSpec("Hardmax", ops_compute.softmax("hard"), _softmax))
+    add(OpSpec("Identity", ops_compute.reshape))
+    add(OpSpec("Reshape", ops_compute.reshape, params=_params(1)))
+    add(OpSpec("Flatten", ops_compute.reshape))
+    add(OpSpec("Squeeze", ops_compute.reshape, params=_params(1, since=13)))
+    add(OpSpec("Unsqueeze", ops_compute.reshape, params=_params(1, since=13)))
+    add(OpSpec("Dropout", ops_compute.reshape, _dropout, _params(1, 2, since=12), max_outputs=2))
+    add(OpSpec("Expand", ops_compute.expand, params=_params(1)))
+    add(OpSpec("Tile", ops_compute.tile, _tile, _params(1)))
+    add(OpSpec("Transpose", ops_compute.transpose, _transpose))
+    add(OpSpec("Concat", ops_compute.concat, _concat))
+    add(OpSpec("Split", ops_compute.split, _axis(), _params(1, since=13), max_outputs=64))
+    add(OpSpec("Slice", ops_compute.slice_, _slice, _params(1, 2, 3, 4, since=10)))
+    add(OpSpec("Gather", ops_compute.gather, _axis()))
+    add(OpSpec("GatherElements", ops_compute.gather_elements, _axis()))
+    add(OpSpec("Pad", ops_compute.pad, _pad, _params(1, 2, 3, since=11)))
     for name, kind in REDUCE_KIND.items():
-        add(OpSpec(name, C.where_reduce(kind), _reduce,
+        add(OpSpec(name, ops_compute.where_reduce(kind), _reduce,
                    _params(1, since=_axes_input_since(name))))
-    add(OpSpec("ArgMax", C.arg_reduce("max"), _arg))
-    add(OpSpec("ArgMin", C.arg_reduce("min"), _arg))
-    add(OpSpec("CumSum", C.cumsum, _cumsum, _params(1)))
-    add(OpSpec("DepthToSpace", C.depth_to_space, _depth_to_space))
-    add(OpSpec("SpaceToDepth", C.space_to_depth, _depth_to_space))
-    add(OpSpec("Trilu", C.einsum_free_trilu, _trilu, _params(1)))
+    add(OpSpec("ArgMax", ops_compute.arg_reduce("max"), _arg))
+    add(OpSpec("ArgMin", ops_compute.arg_reduce("min"), _arg))
+    add(OpSpec("CumSum", ops_compute.cumsum, _cumsum, _params(1)))
+    add(OpSpec("DepthToSpace", ops_compute.depth_to_space, _depth_to_space))
+    add(OpSpec("SpaceToDepth", ops_compute.space_to_depth, _depth_to_space))
+    add(OpSpec("Trilu", ops_compute.einsum_free_trilu, _trilu, _params(1)))
     # Folded at import (their outputs are constants once shapes are fixed).
     for name in ("Shape", "Size", "Constant", "ConstantOfShape", "Range"):
         add(OpSpec(name, None))

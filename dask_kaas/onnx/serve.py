@@ -136,8 +136,8 @@ def register_onnx_model(client: Any, model: Any, *, tenant: str = "default",
     ``tenant``; the returned :class:`OnnxModel` is called with the model's
     inputs by name and returns its outputs by name.  A model the table
     cannot run is refused here (UnsupportedOperatorError)."""
-    from ..graph.names import name_problem
     from ..graph.errors import TenantError
+    from ..graph.names import name_problem
 
     problem = name_problem(tenant)
     if problem:
