@@ -978,3 +978,42 @@ def test_a_cancelled_long_graph_stops_between_launches():
     with pytest.raises(KaasError, match="cancelled"):
         run(rt, g, "long-2")
     assert 0 < len(launches) < 100_000
+
+
+# -- item 10: the device check's own plumbing ------------------------------------------
+
+def test_the_device_check_dry_run_returns_one_archive_and_a_summary(tmp_path):
+    """scripts/gpu-check.sh --dry-run on this CPU machine (the versions stage
+    only: the full dry run runs this file).  Two files come back, the
+    summary fits a screen, and a cuda-bindings wheel is left to the image."""
+    import os
+    import shutil
+    import tarfile
+    from pathlib import Path
+
+    if not all(shutil.which(t) for t in ("bash", "setsid", "timeout", "tar")):
+        pytest.skip("needs bash, setsid, timeout and tar")
+    pytest.importorskip("cuda.bindings")
+    wheels = tmp_path / "whl"
+    wheels.mkdir()
+    (wheels / "cuda_bindings-13.0.1-cp312-cp312-manylinux_2_28_x86_64.whl").write_bytes(b"")
+    (wheels / "rmm_cu13-26.10.0-cp312-cp312-manylinux_2_28_x86_64.whl").write_bytes(b"")
+    out = tmp_path / "out"
+    script = Path(__file__).resolve().parent.parent / "scripts" / "gpu-check.sh"
+    env = dict(os.environ, OUT=str(out), WHEELS_DIR=str(wheels), STAGES="versions",
+               PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(script), "--dry-run"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["gpu-check.tar.gz", "summary.txt"]
+    summary = (out / "summary.txt").read_text()
+    assert len(summary.splitlines()) <= 40 and "DRY RUN" in summary
+    assert "versions: rc=0" in summary and "1 wheel(s) left to the image" in summary
+    with tarfile.open(out / "gpu-check.tar.gz") as tar:
+        names = {n.lstrip("./") for n in tar.getnames()}
+        assert {"versions.log", "wheels.txt", "summary.txt"} <= names
+        listed = tar.extractfile("./wheels.txt").read().decode()
+    assert "skipped cuda_bindings" in listed and "would install" in listed and "rmm_cu13" in listed
+    bad = subprocess.run(["bash", str(script), "--bogus"], env=env, capture_output=True,
+                         text=True, timeout=30)
+    assert bad.returncode == 2 and "unknown argument" in bad.stderr
