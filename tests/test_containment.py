@@ -214,3 +214,30 @@ def test_forged_request_shapes_fail_only_that_request(client, forge):
         if forge != "not-a-request":
             assert isinstance(info.value, expected) and "'forged'" in str(info.value)
     assert worker_pids(client) == before
+
+
+def test_a_kernel_raising_memory_error_is_its_own_failure(client):
+    """Issue 16 item 4: not device out-of-memory, so no retry and nobody's
+    consts are evicted; the client gets a KernelExecutionError chained to
+    the kernel's own MemoryError."""
+    from dask_kaas import DeviceOutOfMemoryError
+
+    rng = np.random.default_rng(4)
+    w = rng.random(N, np.float32)
+    xs = [rng.random(N, np.float32) for _ in range(8)]
+    wait(client.map_kernel_graph(scale_graph(), [{"x": x, "w": w} for x in xs]), timeout=60)
+    stats = client.kaas_stats()["workers"]
+    evictions = {a: st["evictions"] for a, st in stats.items()}
+    entries = {a: st["entries"] for a, st in stats.items()}
+    bad = client.map_kernel_graph(raising_graph(MemoryError("my own accounting"), "greedy"),
+                                  [{"x": xs[0]} for _ in range(4)])
+    wait(bad, timeout=60)
+    for f in bad:
+        err = f.exception()
+        assert isinstance(err, KernelExecutionError) and not isinstance(
+            err, DeviceOutOfMemoryError), repr(err)
+        assert "MemoryError: my own accounting" in str(err)
+        assert isinstance(err.__cause__, MemoryError)
+    stats = client.kaas_stats()["workers"]
+    assert {a: st["evictions"] for a, st in stats.items()} == evictions
+    assert all(stats[a]["entries"] >= n for a, n in entries.items() if a in stats)

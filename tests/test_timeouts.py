@@ -20,6 +20,7 @@ from kaas_graphs import N, scale_graph
 
 from dask_kaas import (
     GraphError,
+    InOut,
     KaasClient,
     KaasError,
     Kernel,
@@ -359,3 +360,33 @@ def test_forged_timeout_field_is_refused_by_the_worker(client, bad):
                         np.ones(N, np.float32), key=req.key, resources={"GPU": 1}, pure=False)
     with pytest.raises(KaasError, match="timeout"):
         fut.result(timeout=60)
+
+
+def long_iter_graph(n_iter: int = 100_000) -> KernelGraph:
+    """~10 ms per launch, ``n_iter`` launches: far past any limit."""
+    def step(xp, x, y):
+        time.sleep(0.01)
+        x += 1  # an input the graph updates: its private copy
+        y[...] = x
+
+    g = KernelGraph("long-iter", n_iter=n_iter)
+    x = g.input("x", (N,), np.float32)
+    y = g.output("y", (N,), np.float32)
+    g.launch(Kernel.array(step, name="step"), [InOut(x), Out(y)])
+    return g
+
+
+def test_a_long_n_iter_graph_past_its_limit_stops_without_a_restart(client):
+    """Issue 16 item 10: the loop checks the deadline between launches, so
+    the slot comes back long before the grace period and nobody's worker
+    (nor its cache) is lost."""
+    before, history = pids(client), len(restarts(client))
+    fut = client.submit_kernel_graph(long_iter_graph(), {"x": np.ones(N, np.float32)},
+                                     timeout=0.5, tenant="looper")
+    with pytest.raises(RequestTimeoutError, match="'long-iter'"):
+        fut.result(timeout=30)
+    until(lambda: not any(st["overdue"] for st in worker_stats(client).values()), 30,
+          "slot released")
+    time.sleep(GRACE_S + 1.0)  # past the grace period: a stuck slot would be restarted now
+    assert pids(client) == before and len(restarts(client)) == history
+    check_bystanders(client, 10, seed=11)
