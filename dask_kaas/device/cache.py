@@ -34,7 +34,7 @@ class DeviceCache:
     def __init__(self, backend: Backend, capacity_bytes: int,
                  wait_timeout: float = 300.0,
                  needed_soon: Callable[[], set[str]] | None = None,
-                 on_fault: Callable[[str], None] | None = None) -> None:
+                 on_fault: Callable[[str], bool] | None = None) -> None:
         if capacity_bytes <= 0:
             raise ValueError(f"device capacity must be positive, got {capacity_bytes}")
         self.backend = backend
@@ -45,7 +45,7 @@ class DeviceCache:
         self.needed_soon = needed_soon
         #: Called with the reason when a copy to the host meets a sticky
         #: device fault (a read by any thread, a write-back, a clear): the
-        #: runtime marks its worker broken.
+        #: runtime marks its worker broken, and says whether it was the first.
         self.on_fault = on_fault
         self.stats = CacheStats()
         self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
@@ -143,10 +143,11 @@ class DeviceCache:
             if not self.backend.is_fatal(exc):
                 raise
             reason = f"{type(exc).__name__}: {exc}"
-        if self.on_fault is not None:
-            self.on_fault(reason)
-        raise DeviceFaultError(f"the device faulted while copying {e.buffer_id!r} to the "
+        first = self.on_fault(reason) if self.on_fault is not None else True
+        err = DeviceFaultError(f"the device faulted while copying {e.buffer_id!r} to the "
                                f"host ({reason}); its worker is restarted")
+        err.innocent = first is False  # type: ignore[attr-defined]
+        raise err
 
     @staticmethod
     def _sole_copy(e: CacheEntry) -> bool:
