@@ -341,6 +341,7 @@ class WorkerRuntime:
                 raise type(e)(e.detail, graph=graph.name, launch=index,
                               kernel=launch.kernel.name) from None
         steps = list(zip(graph.launches, compiled))
+        zero_before = plan_temps(graph).zero_before  # temps reusing an earlier temp's memory
         in_flight: list[Any] = []
         overdue = self.overdue
         for it in range(graph.n_iter):
@@ -353,6 +354,8 @@ class WorkerRuntime:
             for index, (launch, fn) in enumerate(steps):
                 if deadline.expired() or key in overdue:
                     raise self._stopped(graph, it, index, key)
+                for name in zero_before.get(index, ()):
+                    arrays[name][...] = 0  # starts zeroed, as a temp of its own would
                 args = [arrays[a.buffer.name] if isinstance(a, ArgRef) else a
                         for a in launch.args]
                 # The failure is raised after the except block, so that the
