@@ -22,7 +22,7 @@ from .handlers import (
     ReadyHandler,
     ServerMetadataHandler,
 )
-from .metrics import GatewayMetrics
+from .metrics import GatewayMetrics, MalformedMessages
 from .model_routes import (
     ConstHandler,
     InferHandler,
@@ -85,6 +85,8 @@ class Gateway:
         self.registry = ModelRegistry(max_models, max_const_bytes)
         self.dispatcher = Dispatcher(client, submit_threads)
         self.metrics = GatewayMetrics()
+        #: counts the messages Tornado refuses before any handler (see metrics)
+        self.malformed = MalformedMessages(self.metrics)
         #: weights set by an operator at run time (until the next reload)
         self.weights: dict[str, float] = {}
         self.server: HTTPServer | None = None
@@ -117,6 +119,7 @@ class Gateway:
     def listen(self, host: str, port: int,
                ssl_options: ssl.SSLContext | None = None) -> str:
         """Bind and start serving on the running loop; the bound address."""
+        self.malformed.attach()
         sockets = bind_sockets(port, address=host)
         self.server = HTTPServer(self.make_app(), ssl_options=ssl_options,
                                  max_body_size=self.drain_limit,
@@ -146,6 +149,7 @@ class Gateway:
         await self.close()
 
     async def close(self) -> None:
+        self.malformed.detach()
         if self.server is not None:
             self.server.stop()
             await self.server.close_all_connections()

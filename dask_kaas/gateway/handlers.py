@@ -26,6 +26,7 @@ from .errors import (
     UnauthorizedError,
 )
 from .kserve import loads_json
+from .metrics import CLIENT_CLOSED
 from .tenants import Principal
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ class BaseHandler(RequestHandler):
         self.gw = gateway
         self.principal: Principal | None = None
         self.model_label = "-"
+        self._counted = False
 
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json")
@@ -90,8 +92,15 @@ class BaseHandler(RequestHandler):
             super().log_exception(typ, value, tb)
 
     def on_finish(self) -> None:
+        self.count(self.get_status())
+
+    def count(self, status: int) -> None:
+        """Count this request in the metrics, once, by how it ended."""
+        if self._counted:
+            return
+        self._counted = True
         tenant = self.principal.name if self.principal else "-"
-        self.gw.metrics.observe(tenant, self.model_label, self.get_status())
+        self.gw.metrics.observe(tenant, self.model_label, status)
 
     def reply(self, doc: Any, status: int = 200) -> None:
         self.set_status(status)
@@ -142,6 +151,19 @@ class BodyHandler(BaseHandler):
     def _too_large(self, size: int) -> PayloadTooLargeError:
         return PayloadTooLargeError(f"body of {size} bytes is larger than this gateway's "
                                     f"limit of {self.gw.max_body_size} bytes")
+
+    def on_connection_close(self) -> None:
+        """The connection closed before the body was whole: the handler's
+        method never runs and nothing is answered (Tornado returns from the
+        request), so the request is counted here: 400 if Tornado refused a
+        malformed body (it answered that itself), else 499, the caller gone."""
+        body_whole = self.request._body_future.done()
+        super().on_connection_close()
+        # claimed even when this request was answered already (a 413 from
+        # prepare, then Tornado refusing the rest): it is counted once
+        malformed = self.gw.malformed.claim(self.request.connection.context)
+        if not body_whole and not self._finished:
+            self.count(400 if malformed else CLIENT_CLOSED)
 
     def json_body(self, what: str) -> Any:
         return loads_json(self.body(), what)

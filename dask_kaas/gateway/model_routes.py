@@ -17,13 +17,12 @@ from .admission import admit_graph
 from .errors import BadRequestError, GatewayError, GatewayTimeoutError
 from .handlers import VERSION, BaseHandler, BodyHandler
 from .kserve import HEADER_LENGTH, decode_infer_request, encode_infer_response, model_metadata
+from .metrics import CLIENT_CLOSED
 from .registry import check_name
 from .tensors import const_from_body
 
 logger = logging.getLogger(__name__)
 
-#: Status recorded for a request whose caller went away (nginx's convention).
-CLIENT_CLOSED = 499
 #: the worker-side time limit's error, where this version of dask_kaas has one
 REQUEST_TIMEOUT: Any = getattr(graph_errors, "RequestTimeoutError", ())
 
