@@ -34,6 +34,7 @@ from .model_routes import (
 from .operator_routes import ClearCachesHandler, MetricsHandler, PolicyHandler, WeightHandler
 from .registry import ModelRegistry
 from .tenants import Principal, TenantBook
+from .timeouts import default_request_timeout
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +70,11 @@ class Gateway:
     """
 
     def __init__(self, client: KaasClient, tenants_path: str | os.PathLike[str], *,
-                 max_body_size: int = 64 << 20, request_timeout: float = 30.0,
+                 max_body_size: int = 64 << 20, request_timeout: float | None = None,
                  max_models: int = 64, max_const_bytes: int = 1 << 30,
                  submit_threads: int = 4) -> None:
+        if request_timeout is None:  # above Dask's own timeouts: see gateway.timeouts
+            request_timeout = default_request_timeout()
         if max_body_size < 1 or not request_timeout > 0:
             raise ValueError("max_body_size and request_timeout must be positive")
         self.client = client

@@ -20,8 +20,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", default=None, help="certificate (PEM) to serve HTTPS")
     p.add_argument("--tls-key", default=None, help="private key (PEM) of --tls-cert")
     p.add_argument("--max-body-size", default="64MiB", help="largest request body")
-    p.add_argument("--request-timeout", default="30s",
-                   help="longest an inference request may take (504 past it)")
+    p.add_argument("--request-timeout", default=None,
+                   help="longest an inference request may take (504 past it); default: "
+                        "Dask's TCP + connect timeouts + 30s (90s with Dask's defaults), "
+                        "so a request on a host that went silent is re-run by Dask "
+                        "before the gateway gives up on it")
     p.add_argument("--max-models", type=int, default=64, help="models per tenant")
     p.add_argument("--max-const-bytes", default="1GiB", help="const bytes per tenant")
     p.add_argument("--submit-threads", type=int, default=4,
@@ -43,13 +46,16 @@ def run(args: argparse.Namespace) -> int:
     from ..graph.errors import KaasError
     from .app import Gateway
     from .tenants import TenantBook
+    from .timeouts import dask_failover_s, default_request_timeout
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s "
                                                    "%(message)s")
     try:
         tls = ssl_context(args.tls_cert, args.tls_key)
         max_body = parse_bytes(args.max_body_size)
-        timeout = parse_timedelta(args.request_timeout, default="s")
+        failover = dask_failover_s()
+        timeout = (default_request_timeout() if args.request_timeout is None
+                   else parse_timedelta(args.request_timeout, default="s"))
         max_const = parse_bytes(args.max_const_bytes)
         if not (math.isfinite(timeout) and timeout > 0) or max_body < 1 or max_const < 0 \
                 or args.max_models < 1 or args.submit_threads < 1:
@@ -59,6 +65,13 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError, TypeError, KeyError, KaasError) as e:
         print(f"dask-kaas gateway: {e}", file=sys.stderr)
         return 2
+    log = logging.getLogger(__name__)
+    log.info("request timeout %g s (Dask gives up on a silent host after %g s)", timeout,
+             failover)
+    if timeout <= failover:
+        log.warning("--request-timeout %g s is not above Dask's TCP + connect timeouts "
+                    "(%g s): a request on a host that goes silent gets 504 before Dask "
+                    "runs it again", timeout, failover)
     client = KaasClient(args.scheduler, set_as_default=False)
     try:
         gateway = Gateway(client, args.tenants, max_body_size=max_body,
@@ -71,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     try:  # install the plugins and see the workers now, not on the first request
         client.kaas_stats()
     except KaasError as e:
-        logging.getLogger(__name__).warning("cluster not ready yet: %s", e)
+        log.warning("cluster not ready yet: %s", e)
 
     def announce(address: str) -> None:
         print(f"dask-kaas gateway serving {address}", flush=True)

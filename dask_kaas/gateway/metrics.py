@@ -102,10 +102,6 @@ class GatewayMetrics:
         for t, m in [k for k in self._latency_series if k[0] == tenant]:
             self.forget_model(t, m)
         self.requests.fold(tenant, None, (OTHER, OTHER))
-        try:
-            self.in_flight.remove(tenant)
-        except KeyError:
-            pass
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
