@@ -28,6 +28,7 @@ wait for the registry lock: they mark it dirty and whoever holds it sweeps.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 import threading
@@ -201,7 +202,7 @@ class ConstRegistry:
             if e is None or e.array is None:
                 return None
             fut, arr = e.future, e.array
-        if fut is not None and fut.status not in GONE:
+        if fut is not None and fut.status not in GONE and self._held(fut):
             return fut
         if content_token(arr) != token:
             return None
@@ -220,8 +221,9 @@ class ConstRegistry:
         So the first copy goes to one worker at a time (the next one on a
         failure, then Dask's choice), and the second is best effort.
         """
-        for refresh in (False, True):
-            workers = list(self.candidates(refresh))
+        deadline = time.monotonic() + 2 * scatter_timeout()
+        for attempt in itertools.count():
+            workers = list(self.candidates(attempt > 0))
             random.shuffle(workers)
             for addr in workers[:2]:
                 try:
@@ -232,7 +234,24 @@ class ConstRegistry:
                 if others:
                     self.client.loop.add_callback(self._second_copy, key, arr, others[0])
                 return fut
-        return self._scatter_to(key, arr, None)
+            try:
+                return self._scatter_to(key, arr, None)  # Dask's choice
+            except SCATTER_FAILURES:
+                # Every worker is going or being replaced (a restart, a
+                # crash of the whole pool): wait for new ones, within bounds.
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(min(0.2 * 2 ** attempt, 2.0))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _held(self, fut: Future) -> bool:
+        """Whether a worker still holds a const: its cancellation may not
+        have reached this client yet when the requests that need it are
+        sent again."""
+        try:
+            return bool(self.client.who_has([fut]).get(fut.key))
+        except Exception:  # noqa: BLE001 - unsure: send it again (same content)
+            return False
 
     def _scatter_to(self, key: str, arr: np.ndarray, workers: list[str] | None) -> Future:
         async def send() -> Future:

@@ -10,10 +10,16 @@ submits the same requests under the same keys: the futures the program holds
 simply complete later.  Only requests whose future the program still holds
 are sent again, and only when each of their inputs can be: a cancellation the
 program asked for, or one of an input that is not ours, goes through.
+
+A request may take a kept output of another (a chain of graphs on the
+device): the producer is then sent again with it, before it, whether or not
+its own cancellation has arrived yet (Dask ignores a key it still has), so
+the consumer never names a dependency the scheduler already forgot.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import weakref
@@ -47,6 +53,8 @@ class Recipe:
     keep: list[str]
     priority: int
     resource: str
+    #: Submission order: a producer always comes before its consumers.
+    seq: int = 0
 
 
 class Resender:
@@ -58,28 +66,56 @@ class Resender:
         #: the program dropped is not sent again)
         self.owners: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
         self.resending: set[str] = set()
+        self._seq = itertools.count()
         #: Requests sent again so far.
         self.resent = 0
         self._cancel = client._stream_handlers["cancelled-keys"]
         client._stream_handlers["cancelled-keys"] = self._on_cancelled
 
     def track(self, future: Any, recipe: Recipe) -> None:
+        recipe.seq = next(self._seq)
         future._kaas_recipe = recipe
         self.owners[str(future.key)] = future
         for key in recipe.request.keep.values():
             self.owners[key] = future
 
-    def _resendable(self, owner: Any) -> bool:
+    def _resendable(self, owner: Any, seen: frozenset[int] = frozenset()) -> bool:
         recipe: Recipe | None = getattr(owner, "_kaas_recipe", None)
-        if recipe is None:
+        if recipe is None or id(owner) in seen:
             return False
+        seen = seen | {id(owner)}
         for pos, value in enumerate(recipe.values):
             if pos in recipe.consts:
                 if not self.registry.has_array(recipe.consts[pos]):
                     return False
-            elif isinstance(value, Future) and value.status in GONE:
+            elif isinstance(value, Future) and not self._input_ok(value, seen):
                 return False
         return True
+
+    def _input_ok(self, value: Future, seen: frozenset[int]) -> bool:
+        """An input future can be had again: alive, or the output of a
+        request of ours that can itself be sent again."""
+        producer = self.owners.get(str(value.key))
+        if producer is not None:
+            return self._resendable(producer, seen)
+        return value.status not in GONE
+
+    def _with_producers(self, owners: list[Any]) -> list[Any]:
+        """``owners`` and every request of ours whose output they take,
+        producers first."""
+        found: dict[int, Any] = {}
+        todo = list(owners)
+        while todo:
+            owner = todo.pop()
+            if id(owner) in found:
+                continue
+            found[id(owner)] = owner
+            for value in owner._kaas_recipe.values:
+                if isinstance(value, Future):
+                    producer = self.owners.get(str(value.key))
+                    if producer is not None and producer is not owner:
+                        todo.append(producer)
+        return sorted(found.values(), key=lambda o: o._kaas_recipe.seq)
 
     def _on_cancelled(self, keys: Any = (), reason: Any = None, msg: Any = None) -> None:
         """Dask's handler for ``cancelled-keys``, on the client's event loop."""
@@ -98,11 +134,24 @@ class Resender:
                              name="kaas-resend").start()
 
     def _resend(self, owners: list[Any]) -> None:
-        groups: dict[tuple, list[Recipe]] = {}
+        owners = self._with_producers(owners)
+        self.resending.update(str(o.key) for o in owners)
+        # Consecutive requests of one kind go in one message, in order; one
+        # that takes a kept output of the current message starts the next
+        # (kept outputs are their own tasks, sent after their graphs').
+        groups: list[list[Recipe]] = []
+        last: tuple | None = None
+        kept: set[str] = set()
         for owner in owners:
             r: Recipe = owner._kaas_recipe
-            groups.setdefault((id(r.graph), tuple(r.keep), r.priority, r.resource), []).append(r)
-        for recipes in groups.values():
+            kind = (id(r.graph), tuple(r.keep), r.priority, r.resource)
+            takes = {str(v.key) for v in r.values if isinstance(v, Future)}
+            if kind != last or takes & kept:
+                groups.append([])
+                last, kept = kind, set()
+            groups[-1].append(r)
+            kept.update(r.request.keep.values())
+        for recipes in groups:
             keys = [r.request.key for r in recipes]
             try:
                 columns: list[list[Any]] = [[] for _ in recipes[0].values]

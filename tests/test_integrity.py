@@ -305,3 +305,54 @@ def test_requests_sent_again_after_a_lost_const_are_counted_once():
         assert t["resent"] >= 1, t
         assert t["submitted"] == t["graphs_run"] == len(xs), t
         assert t["cancelled"] == 0 and t["errors"] == 0 and t["in_flight"] == 0, t
+
+
+# -- item 8: chains of kept outputs survive the loss of every worker ----------
+
+def kill_every_worker(c, n=2, timeout=120.0):
+    """SIGKILL every worker, then wait for ``n`` new ones."""
+    import time
+
+    pids = c.run(os.getpid)
+    for pid in pids.values():
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        now = set(c.scheduler_info()["workers"])
+        if not now & set(pids) and len(now) >= n:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"workers did not come back: {c.scheduler_info()['workers']}")
+
+
+def test_chains_of_kept_outputs_are_sent_again_in_order():
+    """Graphs that take the kept output of the one before, their const lost
+    with every worker: each chain is sent again producer first, so no
+    request names a dependency the scheduler already forgot."""
+    n = 1024
+    g = KernelGraph("chain")
+    x = g.input("x", (n,), np.float32)
+    b = g.const("b", (n,), np.float32)
+    y = g.output("y", (n,), np.float32)
+    g.launch(Kernel.array(slow_add), [x, b, Out(y), np.float64(0.02)])
+    rng = np.random.default_rng(8)
+    bias = rng.random(n, dtype=np.float32)
+    starts = [rng.random(n, dtype=np.float32) for _ in range(6)]
+    with LocalKaasCluster(2, backend="cpu", dashboard_address="127.0.0.1:0",
+                          device_memory_limit="64MB") as cluster, \
+            KaasClient(cluster) as c:
+        chains = []
+        for s in starts:
+            links = [c.submit_kernel_graph(g, {"x": s, "b": bias}, keep_on_device=["y"])]
+            for _ in range(3):
+                links.append(c.submit_kernel_graph(g, {"x": links[-1]["y"], "b": bias},
+                                                   keep_on_device=["y"]))
+            chains.append(links)
+        chains[0][0].result(timeout=60)
+        for _ in range(2):  # twice: the second time some chains have finished
+            kill_every_worker(c)
+        for s, links in zip(starts, chains):
+            for depth, f in enumerate(links, start=1):
+                want = s + depth * bias
+                np.testing.assert_allclose(f.result(timeout=120)["y"], want, rtol=1e-5)
+                np.testing.assert_allclose(f["y"].result(timeout=120), want, rtol=1e-5)
