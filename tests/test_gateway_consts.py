@@ -24,6 +24,7 @@ from gateway_helpers import GatewayProcess, tenants_yaml
 from dask_kaas import In, KaasClient, Kernel, KernelGraph, LocalKaasCluster, Out
 
 TOKEN = "erin-token"
+OTHER = "fred-token"
 N = 192
 ITERS = 12
 
@@ -49,22 +50,23 @@ def infer_body(x: np.ndarray) -> bytes:
                                    "data": x.ravel().tolist()}]}).encode()
 
 
-def infer(gw: GatewayProcess, model: str, x: np.ndarray) -> tuple[int, object]:
-    status, doc = gw.json("POST", f"/v2/models/{model}/infer", infer_body(x), TOKEN)
+def infer(gw: GatewayProcess, model: str, x: np.ndarray,
+          token: str = TOKEN) -> tuple[int, object]:
+    status, doc = gw.json("POST", f"/v2/models/{model}/infer", infer_body(x), token)
     if status != 200:
         return status, doc
     return status, np.asarray(doc["outputs"][0]["data"], np.float32).reshape(4, N)
 
 
-def upload(gw: GatewayProcess, model: str, w: np.ndarray) -> None:
-    status, _, data = gw.request("PUT", f"/v1/models/{model}/consts/w", w.tobytes(), TOKEN)
+def upload(gw: GatewayProcess, model: str, w: np.ndarray, token: str = TOKEN) -> None:
+    status, _, data = gw.request("PUT", f"/v1/models/{model}/consts/w", w.tobytes(), token)
     assert status == 204, data
 
 
-def register(gw: GatewayProcess, model: str, w: np.ndarray = W) -> None:
-    status, doc = gw.json("PUT", f"/v1/models/{model}", slow_graph().to_json().encode(), TOKEN)
+def register(gw: GatewayProcess, model: str, w: np.ndarray = W, token: str = TOKEN) -> None:
+    status, doc = gw.json("PUT", f"/v1/models/{model}", slow_graph().to_json().encode(), token)
     assert status in (200, 201), doc
-    upload(gw, model, w)
+    upload(gw, model, w, token)
 
 
 def holders(client: KaasClient) -> set[str]:
@@ -85,7 +87,8 @@ def setup(tmp_path):
                           device_memory_limit="128MB") as cluster, \
             KaasClient(cluster) as client:
         path = tmp_path / "tenants.yaml"
-        path.write_text(tenants_yaml({"erin": {"token": TOKEN, "max_in_flight": 64}}, {}))
+        path.write_text(tenants_yaml({"erin": {"token": TOKEN, "max_in_flight": 64},
+                                      "fred": {"token": OTHER}}, {}))
         gw = GatewayProcess(cluster.scheduler_address, str(path), "--request-timeout", "240s")
         try:
             yield client, gw
@@ -99,6 +102,11 @@ def test_requests_survive_the_death_of_the_workers_holding_the_const(setup, vict
     worker died mid-load, its requests got 503 FutureCancelledError."""
     client, gw = setup
     register(gw, "wsq", W)
+    # two copies from the upload on, as the direct client's consts have
+    deadline = time.monotonic() + 60
+    while len(holders(client)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(holders(client)) == 2, holders(client)
     rng = np.random.default_rng(6)
     xs = [rng.random((4, N), dtype=np.float32) for _ in range(48)]
     status, y = infer(gw, "wsq", xs[0])  # the const is on the cluster and in use
@@ -130,6 +138,7 @@ def test_requests_survive_the_death_of_the_workers_holding_the_const(setup, vict
     status, y = infer(gw, "wsq", xs[1])
     assert status == 200, y
     np.testing.assert_allclose(y, xs[1] @ WW, rtol=1e-4, atol=1e-5)
+    assert "Traceback" not in gw.log(), gw.log()[-3000:]
 
 
 def test_reuploading_the_same_const_keeps_the_model_working(setup):
@@ -161,3 +170,29 @@ def test_reuploading_the_same_const_keeps_the_model_working(setup):
     assert status == 200, (y, gw.log()[-3000:])
     np.testing.assert_allclose(y, x @ WW, rtol=1e-4, atol=1e-5)
     assert gw.log().count("again") < 5, gw.log()[-3000:]
+
+
+def test_equal_weights_of_two_tenants_outlive_either_model(setup):
+    """Two tenants upload the same weights (one cluster copy, by content);
+    one deletes its model, re-registers it, deletes it again: the other's
+    model answers right throughout, and another tenant's model name is
+    still not found."""
+    client, gw = setup
+    x = np.random.default_rng(8).random((4, N), dtype=np.float32)
+    register(gw, "mine", W)
+    register(gw, "theirs", W.copy(), OTHER)
+    for token, model in ((TOKEN, "mine"), (OTHER, "theirs")):
+        status, y = infer(gw, model, x, token)
+        assert status == 200, y
+        np.testing.assert_allclose(y, x @ WW, rtol=1e-4, atol=1e-5)
+    for _ in range(2):
+        assert gw.request("DELETE", "/v1/models/theirs", token=OTHER)[0] == 204
+        status, y = infer(gw, "mine", x)
+        assert status == 200, y
+        np.testing.assert_allclose(y, x @ WW, rtol=1e-4, atol=1e-5)
+        register(gw, "theirs", W.copy(), OTHER)
+        status, y = infer(gw, "theirs", x, OTHER)
+        assert status == 200, y
+        np.testing.assert_allclose(y, x @ WW, rtol=1e-4, atol=1e-5)
+    assert infer(gw, "theirs", x)[0] == 404  # erin cannot reach fred's model
+    assert gw.request("PUT", "/v1/models/theirs/consts/w", W.tobytes(), TOKEN)[0] == 404
