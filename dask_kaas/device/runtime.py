@@ -345,12 +345,10 @@ class WorkerRuntime:
         in_flight: list[Any] = []
         overdue = self.overdue
         for it in range(graph.n_iter):
-            if graph.n_iter > 1:
-                # Bounded look-ahead: the host waits for iteration it-2 before
-                # queueing iteration it, so a stop below takes effect soon.
-                in_flight.append(self.backend.record_ready(stream))
-                if len(in_flight) > MAX_ITERATIONS_IN_FLIGHT:
-                    self.backend.wait_ready(in_flight.pop(0), None)
+            if len(in_flight) >= MAX_ITERATIONS_IN_FLIGHT:
+                # Bounded look-ahead: the host waits for the oldest iteration
+                # still queued, so a stop below takes effect soon.
+                self.backend.wait_ready(in_flight.pop(0), None)
             for index, (launch, fn) in enumerate(steps):
                 if deadline.expired() or key in overdue:
                     raise self._stopped(graph, it, index, key)
@@ -381,6 +379,8 @@ class WorkerRuntime:
                                            graph=graph.name, launch=index,
                                            kernel=launch.kernel.name)
                 raise failure
+            if graph.n_iter > 1:
+                in_flight.append(self.backend.record_ready(stream))  # end of iteration it
 
     def _stopped(self, graph: KernelGraph, it: int, index: int, key: str) -> KaasError:
         where = f"before launch {index} of iteration {it} of {graph.n_iter}"
