@@ -254,3 +254,75 @@ def test_json_outputs_round_trip_exactly(datatype, data):
     payload, n = encode_infer_response(g, req, {"o": arr})
     out = json.loads(payload, parse_constant=lambda c: pytest.fail(f"bare {c} written"))
     np.testing.assert_array_equal(np.array(out["outputs"][0]["data"], dtype=dt), arr)
+
+
+# -- through the real gateway -------------------------------------------------------------
+def copy_graph() -> KernelGraph:
+    from dask_kaas import In, Kernel, Out
+
+    g = KernelGraph("copies")
+    for name, dt in (("u", np.uint64), ("h", np.float16), ("b", np.int8), ("f", np.float32)):
+        x = g.input(name, (3,), dt)
+        y = g.output(f"{name}_out", (3,), dt)
+        g.launch(Kernel.library("copy"), [In(x), Out(y)])
+    return g
+
+
+def test_through_the_gateway(tmp_path):
+    """Exact values in and out of a real gateway; out-of-range values and
+    NaN are a 400 naming the tensor, never a 500 or a silent inf."""
+    from gateway_helpers import GatewayProcess, tenants_yaml
+
+    from dask_kaas import LocalKaasCluster
+
+    path = tmp_path / "t.yaml"
+    path.write_text(tenants_yaml({"t": {"token": "tok"}}, {}))
+    top = 2**64 - 1
+    good = {"u": [top, 2**53 + 1, 0], "h": [65504, -0.5, 1], "b": [-128, 127, 0],
+            "f": [1.5, -2, 3.25]}
+
+    def body(**overrides):
+        data = {**good, **overrides}
+        types = {"u": "UINT64", "h": "FP16", "b": "INT8", "f": "FP32"}
+        return json.dumps({"inputs": [{"name": n, "datatype": types[n], "shape": [3],
+                                       "data": v} for n, v in data.items()]}).encode()
+
+    with LocalKaasCluster(1, backend="cpu", dashboard_address="127.0.0.1:0",
+                          device_memory_limit="64MB") as cluster:
+        gw = GatewayProcess(cluster.scheduler_address, str(path))
+        try:
+            status, doc = gw.json("PUT", "/v1/models/copies", copy_graph().to_json().encode(),
+                                  "tok")
+            assert status == 201, doc
+            status, doc = gw.json("POST", "/v2/models/copies/infer", body(), "tok")
+            assert status == 200, doc
+            out = {o["name"]: o["data"] for o in doc["outputs"]}
+            assert out == {f"{n}_out": v for n, v in good.items()}  # UINT64 exact
+            for overrides, tensor in (({"h": [70000, 0, 0]}, "h"), ({"b": [True, 0, 0]}, "b"),
+                                      ({"u": [2**64, 0, 0]}, "u"), ({"u": [1.0, 0, 0]}, "u"),
+                                      ({"f": [1e39, 0, 0]}, "f")):
+                status, doc = gw.json("POST", "/v2/models/copies/infer", body(**overrides),
+                                      "tok")
+                assert status == 400 and f"buffer '{tensor}'" in doc["error"], doc
+            raw = body().replace(b"[1.5, -2, 3.25]", b"[NaN, -Infinity, 1]")
+            status, doc = gw.json("POST", "/v2/models/copies/infer", raw, "tok")
+            assert status == 400 and "buffer 'f'" in doc["error"], doc
+            # NaN computed (sent as binary data) cannot come back as JSON, only as binary
+            nan = np.array([np.nan, 1, 2], "<f4").tobytes()
+            doc = json.loads(body())
+            doc["inputs"][3] = {"name": "f", "datatype": "FP32", "shape": [3],
+                                "parameters": {"binary_data_size": 12}}
+            for binary in (False, True):
+                doc["outputs"] = [{"name": "f_out", "parameters": {"binary_data": binary}}]
+                head = json.dumps(doc).encode()
+                status, headers, data = gw.request(
+                    "POST", "/v2/models/copies/infer", head + nan, "tok",
+                    {"Inference-Header-Content-Length": str(len(head))})
+                if binary:
+                    n = int(headers["inference-header-content-length"])
+                    assert status == 200 and np.isnan(np.frombuffer(data[n:], "<f4")[0])
+                else:
+                    assert status == 400 and b"f_out" in data and b"binary" in data, data
+            assert "Traceback" not in gw.log(), gw.log()
+        finally:
+            gw.stop()
