@@ -217,6 +217,22 @@ def test_nested_and_flat_forms():
             decode_infer_request(body(data), None, g)
 
 
+def test_a_scalar_tensor_takes_one_value():
+    g = KernelGraph("m")
+    g.input("t", (), np.uint64)
+    g.output("o", (), np.uint64)
+
+    def body(data):
+        return json.dumps({"inputs": [{"name": "t", "datatype": "UINT64", "shape": [],
+                                       "data": data}]}).encode()
+
+    arr = decode_infer_request(body([2**64 - 1]), None, g).inputs["t"]
+    assert arr.shape == () and int(arr) == 2**64 - 1
+    for data in ([], [1, 2], [[1]]):
+        with pytest.raises(BadRequestError):
+            decode_infer_request(body(data), None, g)
+
+
 # -- outputs ----------------------------------------------------------------------------
 def test_outputs_never_carry_nan_as_json_but_do_as_binary():
     g = one_input_graph("FP32", 3)

@@ -60,6 +60,8 @@ def _fail(model: str, buf: Buffer, message: str) -> BadRequestError:
 def _leaves(data: list[Any], shape: tuple[int, ...], size: int) -> list[Any] | None:
     """The elements of ``data`` in row-major order, if it is nested to
     exactly ``shape`` or flat with ``size`` elements; else None."""
+    if not shape:  # a scalar: one element, flat
+        return data if len(data) == 1 else None
     level: list[Any] = [data]
     for dim in shape:
         nxt: list[Any] = []
