@@ -291,10 +291,10 @@ class WorkerRuntime:
                             # out what an earlier request left in that memory.
                             arrays[buf.name] = self.backend.zeros(buf.shape, buf.dtype,
                                                                   stream)
+                        arena = self.backend.zeros((plan.arena_bytes,), np.uint8, stream)
                     except MemoryError as e:
                         oom.mark(e)
                         raise
-                    arena = self.backend.zeros((plan.arena_bytes,), np.uint8, stream)
                     for name, off in plan.offsets.items():
                         buf = graph.buffers[name]
                         arrays[name] = arena[off:off + buf.nbytes].view(buf.dtype).reshape(
