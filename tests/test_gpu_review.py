@@ -103,6 +103,30 @@ def test_every_spelling_of_a_file_read_is_refused(prefix):
         Kernel.cuda(src, "k")
 
 
+def _finishes(fn, *args, within=60.0):
+    """Run ``fn`` in a thread; whether it returned within a generous bound
+    (a quadratic scan of these inputs would take hours)."""
+    done = []
+    t = threading.Thread(target=lambda: done.append(fn(*args)), daemon=True)
+    t.start()
+    t.join(within)
+    return bool(done)
+
+
+@pytest.mark.parametrize("make", [
+    lambda n: "#/*" * n,
+    lambda n: "# /*#*/ " * n + "include",
+    lambda n: "??=" * n,
+    lambda n: "#" + " " * (3 * n),
+    lambda n: "/*" + "#" * n,
+    lambda n: "\\\n" * n,
+], ids=["open-comments", "nested-introducers", "trigraphs", "blanks", "hashes", "splices"])
+def test_the_source_check_is_linear_on_hostile_sources(make):
+    src = make(400_000)
+    assert _finishes(source_problem, src)
+    assert _finishes(tenant_log, src, "k.cu")
+
+
 def test_ordinary_directives_and_the_word_include_are_fine():
     src = ("#define N 4\n#pragma unroll\n#if N > 2\n#endif\n"
            '// this kernel needs no includes\nconst char* s = "include";\n' + KERNEL)

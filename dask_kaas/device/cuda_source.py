@@ -31,9 +31,11 @@ FILE_DIRECTIVES = frozenset({"include", "include_next", "import", "embed"})
 #: Operators that ask whether a file exists (an oracle on the worker's disk).
 _FILE_PROBES = re.compile(r"__has_(include|include_next|embed)\b")
 #: A directive's introducer (``#``, its digraph ``%:`` or trigraph ``??=``),
-#: then blanks or block comments (both may span lines: comments become a
-#: space before directives are read), then the directive's name.
-_DIRECTIVE = re.compile(r"(?:#|%:|\?\?=)(?:\s|/\*.*?\*/)*([A-Za-z_\\$][\w\\$]*)", re.S)
+#: blanks (newlines too: over-refusing is fine), then the directive's name,
+#: or a block comment (comments become a space before directives are read,
+#: so ``#/* */include`` is an include: any comment there is refused, which
+#: keeps the scan linear in the source's length).
+_DIRECTIVE = re.compile(r"(?:#|%:|\?\?=)\s*(/\*|[A-Za-z_\\$][\w\\$]*)")
 #: Line splices, also spelled with the trigraph for a backslash.
 _SPLICE = re.compile(r"(?:\\|\?\?/)[ \t]*\r?\n")
 
@@ -62,6 +64,9 @@ def source_problem(source: str) -> str | None:
     flat = _SPLICE.sub("", source)
     for m in _DIRECTIVE.finditer(flat):
         word = m.group(1)
+        if word == "/*":
+            return ("a comment between '#' and a directive's name is refused (it could hide "
+                    "an #include)")
         if "\\" in word or word.lower().replace("$", "") in FILE_DIRECTIVES or "$" in word:
             return (f"'#{word}' is refused: kernels are compiled without an include path and "
                     "may not read files of the worker; put the declarations you need in the "
