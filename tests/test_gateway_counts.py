@@ -19,8 +19,12 @@ import time
 import numpy as np
 import pytest
 from gateway_helpers import GatewayProcess, tenants_yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
 from dask_kaas import In, KaasClient, Kernel, KernelGraph, LocalKaasCluster, Out
+from dask_kaas.gateway.metrics import GatewayMetrics
 
 TOKEN, OPS = "kim-token", "ops-token"
 KEY = "dask_kaas_gateway_requests_total"
@@ -187,3 +191,43 @@ def test_every_request_of_a_mixed_load_counted_once_and_kept_after_delete(gw):
     assert sum(after.values()) - sum(before.values()) == sent
     for status in ("200", "400"):
         assert after.get(("kim", "-", status), 0) >= expected[("kim", "tmp", status)]
+
+
+# -- the counter itself -------------------------------------------------------------------
+NAMES = st.sampled_from(["a", "b", "-", "x.y", "ü"])
+OPS_ = st.lists(st.one_of(
+    st.tuples(st.just("req"), NAMES, NAMES, st.sampled_from([200, 400, 499, 504])),
+    st.tuples(st.just("latency"), NAMES, NAMES, st.floats(0, 10)),
+    st.tuples(st.just("forget_model"), NAMES, NAMES),
+    st.tuples(st.just("forget_tenant"), NAMES)), max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(OPS_)
+def test_forgetting_models_and_tenants_never_loses_a_count(ops):
+    """Whatever is deleted in between, the exported total is the number of
+    requests observed, and it never goes down."""
+    m = GatewayMetrics()
+    observed = last = 0
+    for op in ops:
+        if op[0] == "req":
+            m.observe(op[1], op[2], op[3])
+            observed += 1
+        elif op[0] == "latency":
+            m.observe_latency(op[1], op[2], op[3])
+        elif op[0] == "forget_model":
+            m.forget_model(op[1], op[2])
+        else:
+            m.forget_tenant(op[1])
+        total = sum(s.value for fam in text_string_to_metric_families(m.render().decode())
+                    for s in fam.samples if s.name == KEY)
+        assert total == observed >= last
+        last = total
+    forgotten = {(o[1], o[2]) for o in ops if o[0] == "forget_model"}
+    # a model forgotten last (no request since) has no series of its own left
+    for tenant, model in forgotten:
+        later = [o for o in ops[max(i for i, o in enumerate(ops)
+                                    if o[:3] == ("forget_model", tenant, model)):]
+                 if o[0] in ("req", "latency") and o[1:3] == (tenant, model)]
+        if not later and model != "-":
+            assert not any(k[:2] == (tenant, model) for k in m.requests.counts)
