@@ -427,6 +427,19 @@ def _request(key, graph, inputs=("x",)):
     return GraphRequest(key, graph.name, "t", [InputRef(n, 128, None) for n in inputs])
 
 
+def copied_then(name: str, kernel: Kernel, extra: list, n_iter: int = 1) -> KernelGraph:
+    """x copied to y, then ``kernel`` on InOut(y) plus ``extra`` literals."""
+    g = KernelGraph(name, n_iter=n_iter)
+    x = g.input("x", (32,), np.float32)
+    y = g.output("y", (32,), np.float32)
+    g.launch(Kernel.library("copy"), [x, Out(y)])
+    g.launch(kernel, [InOut(y), *extra], grid=1, block=32)
+    return g
+
+
+X32 = np.zeros(32, np.float32)
+
+
 def fill_graph(tag: int) -> KernelGraph:
     src = (f"// variant {tag}\n"
            'extern "C" __global__ void fill(float* y, float v) { y[threadIdx.x] = v; }')
@@ -515,12 +528,11 @@ def test_a_long_n_iter_graph_stops_at_its_deadline_on_the_gpu(gpu_runtime):
     from dask_kaas import RequestTimeoutError
 
     rt = gpu_runtime
-    g = KernelGraph("spin-long", n_iter=100_000)
-    y = g.output("y", (32,), np.float32)
-    g.launch(Kernel.cuda(SPIN_SOURCE, "spin"), [InOut(y), np.int64(20_000_000)], grid=1,
-             block=32)  # ~10 ms per launch: 1000 s in all
+    # ~10 ms per launch: 1000 s in all
+    g = copied_then("spin-long", Kernel.cuda(SPIN_SOURCE, "spin"), [np.int64(20_000_000)],
+                    n_iter=100_000)
     with pytest.raises(RequestTimeoutError):
-        rt.run(g, _request("long", g, ()), [], timeout=1.0)
+        rt.run(g, _request("long", g), [X32], timeout=1.0)
     import time
 
     end = time.monotonic() + 30
@@ -530,14 +542,12 @@ def test_a_long_n_iter_graph_stops_at_its_deadline_on_the_gpu(gpu_runtime):
 
 
 def test_a_forged_include_is_refused_by_the_worker(gpu_client):
-    g = KernelGraph("forged")
-    y = g.output("y", (32,), np.float32)
-    g.launch(Kernel.cuda(SPIN_SOURCE, "spin"), [InOut(y), np.int64(1)], grid=1, block=32)
-    forged = g.launches[0].kernel
+    g = copied_then("forged", Kernel.cuda(SPIN_SOURCE, "spin"), [np.int64(1)])
+    forged = g.launches[1].kernel
     forged.source = '#include "/etc/hostname"\n' + SPIN_SOURCE  # skips Kernel.cuda's check
     forged._key = None
     with pytest.raises(KernelDefinitionError, match="refused") as info:
-        gpu_client.submit_kernel_graph(g, {}).result()
+        gpu_client.submit_kernel_graph(g, {"x": X32}).result()
     assert "/etc/hostname(" not in str(info.value)
 
 
@@ -561,18 +571,14 @@ def test_a_fault_on_one_slot_blames_one_request(gpu_runtime):
         raise RuntimeError("handed back")
 
     rt.reschedule = reschedule
-    wild = KernelGraph("wild")
-    wy = wild.output("y", (32,), np.float32)
-    wild.launch(Kernel.cuda(WILD_SOURCE, "wild"), [InOut(wy)], grid=1, block=32)
-    spin = KernelGraph("spin-bystander")
-    sy = spin.output("y", (32,), np.float32)
-    spin.launch(Kernel.cuda(SPIN_SOURCE, "spin"), [InOut(sy), np.int64(2_000_000_000)],
-                grid=1, block=32)
+    wild = copied_then("wild", Kernel.cuda(WILD_SOURCE, "wild"), [])
+    spin = copied_then("spin-bystander", Kernel.cuda(SPIN_SOURCE, "spin"),
+                       [np.int64(2_000_000_000)])  # ~1 s
     results = {}
 
     def go(name, g):
         try:
-            results[name] = rt.run(g, _request(name, g, ()), [])
+            results[name] = rt.run(g, _request(name, g), [X32])
         except BaseException as e:  # noqa: BLE001
             results[name] = e
 
