@@ -78,9 +78,12 @@ def test_a_model_becomes_buffers_launches_and_consts():
     g, consts = from_onnx(conv_model(), batch=2)
     assert g.buffers["x"].kind == BufferKind.INPUT and g.buffers["x"].shape == (2, 3, 8, 8)
     assert g.buffers["w"].kind == BufferKind.CONST and g.buffers["b"].kind == BufferKind.CONST
-    assert g.buffers["c"].kind == BufferKind.TEMP
     assert g.buffers["y"].kind == BufferKind.OUTPUT and g.buffers["y"].shape == (2, 4, 6, 6)
-    assert [launch.kernel.name for launch in g.launches] == ["Conv", "Relu"]
+    # the Relu runs inside the Conv; the Conv's im2col columns are a planned temp
+    assert [launch.kernel.name for launch in g.launches] == ["Conv"]
+    assert "c" not in g.buffers
+    (scratch,) = [b for b in g.buffers.values() if b.kind == BufferKind.TEMP]
+    assert scratch.shape == (2, 3, 9, 6, 6)
     assert sorted(consts) == ["b", "w"]
     assert consts["w"].shape == (4, 3, 3, 3)
     # ModelProto, path and bytes give the same graph
@@ -104,7 +107,8 @@ def test_attributes_round_trip_through_json_and_name_their_operator():
     assert back == g
     conv = back.launches[0]
     lits = [int(a) for a in conv.args if isinstance(a, np.generic)]
-    assert lits[:2] == [1, 1]  # one output, group 1
+    assert lits[:2] == [2, 1]  # the output and its im2col scratch, group 1
+    assert lits[-1] == 1  # the fused Relu
     assert g.buffers["y"].shape == (1, 4, 4, 6)
 
 
@@ -379,3 +383,34 @@ def test_conformance_module_needs_no_import_of_onnx_for_kernels():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True, env={**os.environ}).stdout.split()
     assert out == ["True", "False"]
+
+
+def test_conv_batchnorm_relu_fuse_into_one_launch_with_the_same_result():
+    from dask_kaas.onnx.execute import run_graph
+
+    ort = pytest.importorskip("onnxruntime")
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), n)
+             for n, shape in (("w", (6, 3, 3, 3)), ("s", (6,)), ("bb", (6,)), ("m", (6,)))]
+    inits.append(numpy_helper.from_array(rng.uniform(0.5, 2, 6).astype(np.float32), "v"))
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("BatchNormalization", ["c", "s", "bb", "m", "v"], ["n"],
+                              epsilon=1e-3),
+             helper.make_node("Relu", ["n"], ["y"]),
+             helper.make_node("Sigmoid", ["c2"], ["z"]),
+             helper.make_node("Conv", ["x", "w"], ["c2"])]  # read twice: not fused
+    nodes = nodes[:3] + [nodes[4], nodes[3]]
+    m = helper.make_model(helper.make_graph(
+        nodes, "fuse", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 9, 9])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("c2", TensorProto.FLOAT, None)], inits),
+        opset_imports=[helper.make_opsetid("", 15)])
+    g, consts = from_onnx(m)
+    assert [launch.kernel.name for launch in g.launches] == ["Conv", "Conv", "Sigmoid"]
+    x = rng.standard_normal((2, 3, 9, 9)).astype(np.float32)
+    got = run_graph(g, {**consts, "x": x})
+    ref = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]
+                               ).run(None, {"x": x})
+    for name, r in zip(["y", "z", "c2"], ref):
+        np.testing.assert_allclose(got[name], r, rtol=1e-4, atol=1e-5)

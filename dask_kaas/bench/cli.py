@@ -19,13 +19,22 @@ QUICK_MODES = ["kaas", "kaas-dask", "naive", "static"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scenario", default="throughput", choices=["throughput", "chaos"],
-                   help="chaos: tenants' load while workers are killed (lost/wrong requests)")
+    p.add_argument("--scenario", default="throughput", choices=["throughput", "chaos", "single"],
+                   help="chaos: tenants' load while workers are killed (lost/wrong requests); "
+                        "single (ONNX workloads): one request at a time through the cluster "
+                        "against onnxruntime on as many threads")
+    p.add_argument("--threads", type=int, default=1,
+                   help="single: BLAS threads of the worker and onnxruntime's intra-op threads")
+    p.add_argument("--requests", type=int, default=20, help="single: timed requests")
     p.add_argument("--kill-every", type=float, default=3.0,
                    help="chaos: seconds between killing a random worker")
     p.add_argument("--kill-all-at", type=float, default=None,
                    help="chaos: seconds into the run at which every worker is killed")
-    p.add_argument("--workload", default="mlp", choices=["mlp", "jacobi", "sgemm"])
+    p.add_argument("--workload", default="mlp", type=workload_arg,
+                   help="mlp, jacobi, sgemm, or onnx:<model> (a light model of the onnx "
+                        "package such as onnx:resnet50, onnx:bert, or onnx:PATH.onnx)")
+    p.add_argument("--model", default=None, metavar="PATH.onnx",
+                   help="an ONNX model as the workload (the same as --workload onnx:PATH)")
     p.add_argument("--tenants", default=None,
                    help="comma-separated tenant counts (default 2,4,8; --quick: 8)")
     p.add_argument("--workers", type=int, default=2, help="devices (workers) in the pool")
@@ -55,6 +64,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None, help="write a PNG plot here")
 
 
+def workload_arg(value: str) -> str:
+    if value in ("mlp", "jacobi", "sgemm") or (value.startswith("onnx:") and len(value) > 5):
+        return value
+    raise argparse.ArgumentTypeError(
+        f"unknown workload {value!r}: mlp, jacobi, sgemm or onnx:<model>")
+
+
 def machine() -> dict[str, Any]:
     from .. import __version__
     from ..device.backend import gpu_count
@@ -71,6 +87,16 @@ def machine() -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.model:
+        args.workload = f"onnx:{args.model}"
+    if args.scenario == "single":
+        if not args.workload.startswith("onnx:"):
+            print("--scenario single compares ONNX workloads with onnxruntime: pass "
+                  "--workload onnx:<model> or --model PATH.onnx", file=sys.stderr)
+            return 2
+        from ..onnx.compare import run_single
+
+        return run_single(args)
     if args.scenario == "chaos":
         from .chaos import run_scenario
 

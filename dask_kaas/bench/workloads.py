@@ -65,7 +65,10 @@ class _JacobiHost:
 
 
 def make_workload(name: str, weights_mib: float = 16.0, batch: int = 8) -> Workload:
-    """``weights_mib`` of constant data per tenant."""
+    """``weights_mib`` of constant data per tenant (``onnx:<model>``: the
+    model's own weights, ``batch`` rows where its batch dimension is open)."""
+    if name.startswith("onnx:"):
+        return onnx_workload(name[len("onnx:"):], batch)
     if name == "mlp":
         # Two square-ish layers: d x h and h x d float32, about weights_mib in all.
         d = 1024
@@ -108,7 +111,56 @@ def make_workload(name: str, weights_mib: float = 16.0, batch: int = 8) -> Workl
 
         return Workload("jacobi", graph, make_tenant, make_request,
                         make_jacobi_host(iterations), "x")
-    raise ValueError(f"unknown workload {name!r}: expected mlp, sgemm or jacobi")
+    raise ValueError(f"unknown workload {name!r}: expected mlp, sgemm, jacobi or "
+                     "onnx:<light model name, bert or path to a .onnx file>")
+
+
+def onnx_workload(target: str, batch: int) -> Workload:
+    """An ONNX model as a workload: each tenant has its own weights for the
+    same architecture (fine-tuned copies).  ``target`` is a light model of
+    the onnx package (``resnet50``, ...; seeded random weights per tenant),
+    ``bert`` (the BERT-style encoder) or a path (every tenant's float
+    weights perturbed by 1% of seeded noise)."""
+    from ..onnx import from_onnx
+    from ..onnx.execute import GraphOnHost
+    from ..onnx.zoo import LIGHT_MODELS, bert_encoder, light_model
+
+    if target in LIGHT_MODELS:
+        def consts_of(seed: int) -> dict[str, np.ndarray]:
+            return from_onnx(light_model(target, seed=seed)[0], name=target)[1]
+
+        graph = from_onnx(light_model(target, seed=1000)[0], name=target)[0]
+    elif target == "bert":
+        def consts_of(seed: int) -> dict[str, np.ndarray]:
+            return from_onnx(bert_encoder(seed=seed), batch=batch, name="bert")[1]
+
+        graph = from_onnx(bert_encoder(seed=1000), batch=batch, name="bert")[0]
+    else:
+        graph, base = from_onnx(target, batch=batch)
+
+        def consts_of(seed: int) -> dict[str, np.ndarray]:
+            rng = np.random.default_rng(seed)
+            return {k: (v * (1 + 0.01 * rng.standard_normal(v.shape))).astype(v.dtype)
+                    if v.dtype.kind == "f" else v for k, v in base.items()}
+
+    def make_tenant(i: int) -> Tenant:
+        return Tenant(f"tenant-{i}", consts_of(1000 + i))
+
+    inputs = [b for b in graph.buffers.values() if b.kind.value == "input"]
+
+    def make_request(rng: np.random.Generator) -> dict[str, np.ndarray]:
+        out = {}
+        for b in inputs:
+            if b.dtype.kind == "f":
+                out[b.name] = rng.standard_normal(b.shape).astype(b.dtype)
+            elif b.dtype.kind == "b":
+                out[b.name] = np.ones(b.shape, b.dtype)
+            else:
+                out[b.name] = rng.integers(0, 2, b.shape).astype(b.dtype)
+        return out
+
+    return Workload(f"onnx:{target}", graph, make_tenant, make_request, GraphOnHost(graph),
+                    graph.outputs[0].name)
 
 
 def run_host(fn: Callable[..., dict[str, np.ndarray]], copy_inputs: bool,

@@ -164,11 +164,27 @@ def _shrink(xp: Any, x: Any, bias: float, lambd: float) -> Any:
     return xp.where(x < -lam, x + b, xp.where(x > lam, x - b, _same(x, 0)))
 
 
+#: Unary operators computed straight into their output (no temporary).
+UNARY_OUT: dict[str, Callable[[Any, Any, Any], Any]] = {
+    "Relu": lambda xp, x, y: xp.maximum(x, x.dtype.type(0), out=y),
+    "Tanh": lambda xp, x, y: xp.tanh(x, out=y),
+    "Exp": lambda xp, x, y: xp.exp(x, out=y),
+    "Sqrt": lambda xp, x, y: xp.sqrt(x, out=y),
+    "Abs": lambda xp, x, y: xp.abs(x, out=y),
+    "Neg": lambda xp, x, y: xp.negative(x, out=y),
+}
+
+
 def unary(name: str) -> Callable[..., None]:
     fn = UNARY[name]
+    direct = UNARY_OUT.get(name)
 
     def compute(xp: Any, ins: Sequence[Any], outs: Sequence[Any], a: Attrs) -> None:
-        put(outs[0], fn(xp, ins[0], a))
+        x, y = ins[0], outs[0]
+        if direct is not None and x.dtype == y.dtype and x.shape == y.shape:
+            direct(xp, x, y)
+            return
+        put(y, fn(xp, x, a))
 
     return compute
 
@@ -209,7 +225,8 @@ BINARY: dict[str, Callable[[Any, Any, Any], Any]] = {
     "BitwiseOr": lambda xp, a, b: xp.bitwise_or(a, b),
     "BitwiseXor": lambda xp, a, b: xp.bitwise_xor(a, b),
 }
-_UFUNC_OUT = {"Add": "add", "Sub": "subtract", "Mul": "multiply"}
+_UFUNC_OUT = {"Add": "add", "Sub": "subtract", "Mul": "multiply", "Max": "maximum",
+              "Min": "minimum"}
 
 
 def binary(name: str) -> Callable[..., None]:
@@ -233,7 +250,17 @@ def mod(xp: Any, ins: Sequence[Any], outs: Sequence[Any], a: Attrs) -> None:
 
 
 def variadic(name: str) -> Callable[..., None]:
+    ufunc = {"Sum": "add", "Max": "maximum", "Min": "minimum"}.get(name)
+
     def compute(xp: Any, ins: Sequence[Any], outs: Sequence[Any], a: Attrs) -> None:
+        y = outs[0]
+        if ufunc is not None and len(ins) > 1 and all(
+                x.shape == y.shape and x.dtype == y.dtype for x in ins):
+            f = getattr(xp, ufunc)
+            f(ins[0], ins[1], out=y)
+            for x in ins[2:]:
+                f(y, x, out=y)
+            return
         acc = ins[0]
         for x in ins[1:]:
             acc = {"Sum": xp.add, "Mean": xp.add, "Max": xp.maximum,
@@ -311,8 +338,41 @@ def _windows(ks: Sequence[int], strides: Sequence[int], dil: Sequence[int],
             for off in itertools.product(*(range(k) for k in ks))]
 
 
+def _im2col(x: Any, cols: Any, ks: Sequence[int], pads: Sequence[int],
+            strides: Sequence[int], dil: Sequence[int]) -> None:
+    """``cols[:, :, kidx, *o] = x_padded[:, :, o * stride + kidx * dilation]``
+    without a padded copy of ``x``: each kernel offset copies the output
+    positions whose input is inside ``x`` and zeroes the rest."""
+    nd = len(ks)
+    osp = cols.shape[3:]
+    begins = pads[:nd]
+    for kidx, off in enumerate(itertools.product(*(range(k) for k in ks))):
+        dst: list[slice] = []
+        src: list[slice] = []
+        partial = False
+        for o, d, s, n, b, size in zip(off, dil, strides, osp, begins, x.shape[2:]):
+            # input index of output j is j * s + o * d - b: kept while in 0..size-1
+            first = max(0, -((o * d - b) // s))
+            last = min(n - 1, (size - 1 - o * d + b) // s)
+            if last < first:
+                partial = True
+                dst.append(slice(0, 0))
+                src.append(slice(0, 0))
+                continue
+            if first > 0 or last < n - 1:
+                partial = True
+            start = first * s + o * d - b
+            dst.append(slice(first, last + 1))
+            src.append(slice(start, start + (last - first) * s + 1, s))
+        target = cols[:, :, kidx]
+        if partial:
+            target[...] = 0
+        target[(slice(None), slice(None)) + tuple(dst)] = \
+            x[(slice(None), slice(None)) + tuple(src)]
+
+
 def conv(xp: Any, ins: Sequence[Any], outs: Sequence[Any], a: Attrs) -> None:
-    group, pads, strides, dil = a.int(), a.ints(), a.ints(), a.ints()
+    group, pads, strides, dil, act = a.int(), a.ints(), a.ints(), a.ints(), a.int()
     x, w = ins[0], ins[1]
     y = outs[0]
     nd = x.ndim - 2
@@ -325,10 +385,11 @@ def conv(xp: Any, ins: Sequence[Any], outs: Sequence[Any], a: Attrs) -> None:
     if k == 1 and all(s == 1 for s in strides) and not any(pads):
         cols = x.reshape(n, c, 1, length)
     else:
-        xpad = _padded(xp, x, pads[:nd], pads[nd:], x.dtype.type(0))
-        cols = xp.empty((n, c, k) + tuple(osp), dtype=x.dtype)
-        for kidx, sl in enumerate(_windows(ks, strides, dil, osp)):
-            cols[:, :, kidx] = xpad[(slice(None), slice(None)) + sl]
+        # im2col into the launch's scratch buffer (a temp of the graph, so
+        # the memory plan accounts for it and no allocation happens here)
+        shape = (n, c, k) + tuple(osp)
+        cols = outs[1] if len(outs) > 1 else xp.empty(shape, dtype=x.dtype)
+        _im2col(x, cols, ks, pads, strides, dil)
     cg, mg = c // group, m // group
     cols = cols.reshape(n, group, cg * k, length)
     wm = w.reshape(group, mg, cg * k)
@@ -338,6 +399,8 @@ def conv(xp: Any, ins: Sequence[Any], outs: Sequence[Any], a: Attrs) -> None:
         put(y, xp.matmul(wm, cols).reshape(y.shape))
     if len(ins) > 2:
         y += ins[2].reshape((1, m) + (1,) * nd)
+    if act == 1:  # a Relu fused at import: one pass, no buffer of its own
+        xp.maximum(y, y.dtype.type(0), out=y)
 
 
 def _pool_setup(xp: Any, x: Any, y: Any, a: Attrs, fill: Any
@@ -474,10 +537,11 @@ def softmax(kind: str) -> Callable[..., None]:
             return
         m = xp.max(x2, axis=ax, keepdims=True)
         d = x2 - m
-        if kind == "hard":
-            idx = xp.argmax(x2, axis=ax)
-            r = xp.zeros_like(x2)
-            xp.put_along_axis(r, xp.expand_dims(idx, ax), _same(x, 1), axis=ax)
+        if kind == "hard":  # one-hot of the first maximum (no put_along_axis: CuPy)
+            idx = xp.expand_dims(xp.argmax(x2, axis=ax), ax)
+            along = [1] * x2.ndim
+            along[ax] = x2.shape[ax]
+            r = (xp.arange(x2.shape[ax]).reshape(along) == idx).astype(x.dtype)
         else:
             e = xp.exp(d)
             s = xp.sum(e, axis=ax, keepdims=True)

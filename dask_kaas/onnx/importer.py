@@ -91,6 +91,7 @@ class _Importer:
         self.batch, self.dims = _fixed_dims(batch)
         self.shapes = dict(shapes or {})
         self.initializers = initializers
+        self.fuse = True
         g = model.graph
         gname = name if name is not None else (g.name or "onnx_model")
         if name is None and name_problem(gname):
@@ -369,10 +370,12 @@ class _Importer:
             self._fold(spec, ctx, [v.const for v in buf_ins], outs, out_values,
                        enc.items)  # type: ignore[union-attr]
             return
-        self.steps.append(_Step(op, label, [node.input[i] for i in buf_idx], outs,
-                                enc.items))
         for name, v in zip(outs, out_values):
             self.values[name] = v
+        if op == "Conv":
+            outs = outs + self._conv_scratch(label, buf_ins, out_values[0], enc.items)
+        self.steps.append(_Step(op, label, [node.input[i] for i in buf_idx], outs,
+                                enc.items))
 
     def _fold(self, spec: Any, ctx: NodeCtx, arrays: list[np.ndarray], outs: list[str],
               values: list[Value], lits: list[np.generic]) -> None:
@@ -388,6 +391,87 @@ class _Importer:
                                   graph=self.name) from None
         for name, r, v in zip(outs, results, values):
             self.values[name] = Value(v.shape, v.dtype, r)
+
+    def _conv_scratch(self, label: str, ins: list[Any], out: Value,
+                      lits: list[np.generic]) -> list[str]:
+        """A temp for a Conv's im2col columns (none for a 1x1, stride-1,
+        unpadded Conv, which multiplies its input directly): planned with the
+        other temps, so a worker allocates nothing while the Conv runs."""
+        a = Attrs(lits)
+        a.int()
+        pads, strides = a.ints(), a.ints()
+        x, w = ins[0], ins[1]
+        k = int(np.prod(w.shape[2:]))
+        if k == 1 and all(s == 1 for s in strides) and not any(pads):
+            return []
+        name = self._fresh(f"{label}/im2col")
+        self.values[name] = Value((x.shape[0], x.shape[1], k) + tuple(out.shape[2:]), x.dtype)
+        return [name]
+
+    # -- fusion ---------------------------------------------------------------------------
+    def _fresh(self, base: str) -> str:
+        name = base
+        while name in self.values:
+            name += "_"
+        return name
+
+    def _fuse(self) -> None:
+        """Inference-time fusions, exact up to float rounding: a
+        BatchNormalization right after a Conv with constant weights is folded
+        into those weights, and a Relu right after a Conv runs inside it.
+        Only when the Conv's output has no other reader (nor is an output)."""
+        outputs = {o.name for o in self.model.graph.output}
+        readers: dict[str, list[int]] = {}
+        for i, s in enumerate(self.steps):
+            for n in s.ins:
+                readers.setdefault(n, []).append(i)
+        dropped: set[int] = set()
+        for s in self.steps:
+            if s.op != "Conv":
+                continue
+            while True:
+                o = s.outs[0]
+                use = readers.get(o, [])
+                if len(use) != 1 or o in outputs:
+                    break
+                j = use[0]
+                t = self.steps[j]
+                if t.op == "BatchNormalization" and t.ins[0] == o and int(s.lits[-1]) == 0 \
+                        and self._fold_bn(s, t):
+                    pass
+                elif t.op == "Relu" and int(s.lits[-1]) == 0:
+                    s.lits[-1] = np.int64(1)
+                else:
+                    break
+                s.outs = list(t.outs) + s.outs[1:]  # the im2col scratch stays
+                dropped.add(j)
+                for n in t.ins[1:]:
+                    if j in readers.get(n, []):
+                        readers[n].remove(j)
+                del readers[o]
+        self.steps = [s for i, s in enumerate(self.steps) if i not in dropped]
+
+    def _fold_bn(self, conv: _Step, bn: _Step) -> bool:
+        vals = [self.values[n] for n in conv.ins[1:] + bn.ins[1:]]
+        w = self.values[conv.ins[1]]
+        if any(v.const is None for v in vals) or w.dtype.kind != "f" or len(bn.ins) != 5:
+            return False
+        scale, bias, mean, var = (self.values[n].const.astype(np.float64)  # type: ignore
+                                  for n in bn.ins[1:])
+        eps = float(bn.lits[0])
+        a = scale / np.sqrt(var + eps)
+        wc = w.const.astype(np.float64)  # type: ignore[union-attr]
+        w_new = (wc * a.reshape((-1,) + (1,) * (wc.ndim - 1))).astype(w.dtype)
+        b_old = self.values[conv.ins[2]].const.astype(np.float64) if len(conv.ins) > 2 \
+            else np.zeros_like(a)  # type: ignore[union-attr]
+        b_new = ((b_old - mean) * a + bias).astype(w.dtype)
+        names = []
+        for suffix, arr in (("W", w_new), ("B", b_new)):
+            name = self._fresh(f"{conv.node}/{suffix}+{bn.node}")
+            self.values[name] = Value(arr.shape, arr.dtype, arr)
+            names.append(name)
+        conv.ins = [conv.ins[0]] + names
+        return True
 
     # -- the kernel graph ------------------------------------------------------------------
     def _build(self) -> tuple[KernelGraph, dict[str, np.ndarray]]:
@@ -471,6 +555,8 @@ class _Importer:
         self._read_graph_io()
         for i, node in enumerate(g.node):
             self._node(i, node)
+        if self.fuse:
+            self._fuse()
         return self._build()
 
 

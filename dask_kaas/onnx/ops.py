@@ -199,6 +199,7 @@ def _conv(ctx: NodeCtx, e: Encoder) -> None:
         raise ctx.fail(f"group={group} does not fit X {x.shape} and W {w.shape}")
     pads, strides, dil = _spatial(ctx, ks, ctx.outs[0].shape[2:])
     e.int(group).ints(pads).ints(strides).ints(dil)
+    e.int(0)  # activation applied in place: 0 none, 1 Relu (fused at import)
 
 
 def _pool(avg: bool) -> Encode:

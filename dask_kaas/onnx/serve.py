@@ -62,6 +62,8 @@ class OnnxModel:
         self.outputs = [o.name for o in g.output]
         self._graphs: OrderedDict[tuple[Any, ...], tuple[KernelGraph, dict[str, np.ndarray]]] \
             = OrderedDict()
+        #: id(const array) -> (the array, its scattered future).
+        self._scattered: dict[int, tuple[np.ndarray, Any]] = {}
         if all(None not in shape for shape, _ in self.inputs.values()) or batch is not None:
             self.graph_for(None)  # refused at registration, not at the first call
 
@@ -80,7 +82,31 @@ class OnnxModel:
         self._graphs[key] = built
         while len(self._graphs) > self.max_graphs:
             self._graphs.popitem(last=False)
+            live = {id(a) for _, consts in self._graphs.values() for a in consts.values()}
+            for k in [k for k in self._scattered if k not in live]:
+                del self._scattered[k]
         return built
+
+    def _client(self) -> Any:
+        if self.client is None:
+            from distributed import get_client
+
+            self.client = get_client()
+        return self.client
+
+    def const_futures(self, consts: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """The consts as Dask futures, scattered once per array: a request
+        then names its weights by key instead of sending or hashing them
+        (the cluster caches them on the device like any const)."""
+        client = self._client()
+        out = {}
+        for name, arr in consts.items():
+            entry = self._scattered.get(id(arr))
+            if entry is None or entry[0] is not arr or entry[1].status != "finished":
+                entry = (arr, client.scatter(arr, hash=False))
+                self._scattered[id(arr)] = entry
+            out[name] = entry[1]
+        return out
 
     # -- calls ---------------------------------------------------------------------------
     def _feed(self, inputs: Mapping[str, Any] | None, named: Mapping[str, Any],
@@ -118,8 +144,8 @@ class OnnxModel:
 
         feed = self._feed(None, named, args)
         graph, consts = self.graph_for({n: tuple(v.shape) for n, v in feed.items()})
-        return submit_kernel_graph(graph, {**consts, **feed}, self.client,
-                                   tenant=self.tenant)
+        return submit_kernel_graph(graph, {**self.const_futures(consts), **feed},
+                                   self._client(), tenant=self.tenant)
 
     def __call__(self, *args: Any, **named: Any) -> dict[str, np.ndarray]:
         return self.submit(*args, **named).result()
