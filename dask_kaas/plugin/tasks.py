@@ -16,7 +16,7 @@ from ..graph.graph import KernelGraph
 from ..limits import request_timeout
 from ..request import GraphRequest
 from .identity import running_identities
-from .worker import worker_runtime
+from .worker import RescheduledError, worker_runtime
 
 
 def run_kernel_graph(graph: KernelGraph, request: GraphRequest, *values: Any) -> dict[str, Any]:
@@ -33,6 +33,8 @@ def run_kernel_graph(graph: KernelGraph, request: GraphRequest, *values: Any) ->
         ids = running_identities(plugin.worker, request.keep, len(values))
         timeout = request_timeout(request.timeout, graph.name)
         outputs, report = runtime.run(graph, request, values, ids, timeout)
+    except RescheduledError:
+        raise  # placed again by Dask: not an outcome of this request, nothing to report
     except KaasError as e:
         failure: KaasError = e
     except BaseException as e:  # noqa: BLE001 - the worker lives on, whatever happened
