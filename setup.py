@@ -39,6 +39,9 @@ setup(
             # ONNX import: conformance cases and models checked against onnxruntime
             "onnx>=1.16",
             "onnxruntime>=1.17",
+            # a scikit-learn model converted to ONNX (tests/test_onnx_models.py)
+            "scikit-learn>=1.3",
+            "skl2onnx>=1.16",
         ],
         "bench": ["matplotlib>=3.7"],
         # KernelGraph.from_onnx / dask_kaas.onnx (the kernels themselves need only NumPy)

@@ -172,3 +172,30 @@ def test_many_requests_share_cached_weights(client):
         np.testing.assert_allclose(f.result()["softmaxout_1"],
                                    reference(model, {data: x})["softmaxout_1"],
                                    rtol=RTOL, atol=ATOL)
+
+
+def test_a_scikit_learn_classifier_converted_with_skl2onnx(client):
+    """MLPClassifier through skl2onnx: with zipmap=False every operator is in
+    the table (ArrayFeatureExtractor of ai.onnx.ml included) and labels and
+    probabilities match onnxruntime; with ZipMap (a sequence of maps, not a
+    tensor) the import refuses, naming it."""
+    pytest.importorskip("sklearn")
+    skl2onnx = pytest.importorskip("skl2onnx")
+    from sklearn.neural_network import MLPClassifier
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 8)).astype(np.float32)
+    y = (x[:, 0] + x[:, 1] > 0).astype(int) + (x[:, 2] > 1)
+    clf = MLPClassifier((16,), max_iter=400, random_state=0).fit(x, y)
+    model = skl2onnx.to_onnx(clf, x[:1], options={id(clf): {"zipmap": False}},
+                             target_opset=17)
+    m = register_onnx_model(client, model, tenant="sklearn")
+    got = m(X=x[:7])
+    ref = reference(model, {"X": x[:7]})
+    np.testing.assert_array_equal(got["label"], ref["label"])
+    np.testing.assert_array_equal(got["label"], clf.predict(x[:7]))
+    np.testing.assert_allclose(got["probabilities"], ref["probabilities"], rtol=RTOL,
+                               atol=ATOL)
+    with_zipmap = skl2onnx.to_onnx(clf, x[:1], target_opset=17)
+    with pytest.raises(UnsupportedOperatorError, match="ZipMap.*ai.onnx.ml"):
+        from_onnx(with_zipmap, batch=1)

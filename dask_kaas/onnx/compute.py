@@ -743,3 +743,20 @@ def einsum_free_trilu(xp: Any, ins: Sequence[Any], outs: Sequence[Any], a: Attrs
     upper, k = a.int(), a.int()
     x = ins[0]
     put(outs[0], xp.triu(x, k) if upper else xp.tril(x, k))
+
+
+def array_feature_extractor(xp: Any, ins: Sequence[Any], outs: Sequence[Any],
+                            a: Attrs) -> None:
+    """ai.onnx.ml ArrayFeatureExtractor: elements of the last axis by index
+    (scikit-learn classifiers map class indices to labels with it)."""
+    x, idx = ins
+    idx = idx.reshape(-1)
+    dim = x.shape[-1]
+    if idx.size:
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= dim:
+            raise IndexError(f"ArrayFeatureExtractor index out of range 0..{dim - 1}")
+    r = xp.take(x, idx, axis=-1)
+    if r.size != outs[0].size:
+        raise ValueError(f"ArrayFeatureExtractor gives {r.shape}, its output {outs[0].shape}")
+    put(outs[0], r.reshape(outs[0].shape))

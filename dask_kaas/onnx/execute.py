@@ -1,9 +1,10 @@
 """Run a kernel graph's array-function launches in this process, on NumPy.
 
-No cache, no memory plan, no cluster: every temp and output is its own
-zeroed array.  It is the host reference of the ONNX benchmark workloads
-(the naive and static baselines compute exactly what the cluster does) and
-a way to check an imported model without a cluster.
+No cache, no cluster: temps live in the graph's planned arena (zeroed
+where the plan says so, as on a worker), outputs are fresh zeroed arrays.
+It is the host reference of the ONNX benchmark workloads (the naive and
+static baselines compute exactly what the cluster does) and a way to check
+an imported model without a cluster.
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ from ..graph.graph import KernelGraph
 from ..graph.kernels import Kernel
 from ..graph.launch import ArgRef
 from ..graph.library import BUILTINS
+from ..graph.memplan import plan_temps
 
 
 def run_graph(graph: KernelGraph, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """The outputs of ``graph`` for ``inputs`` (every input and const)."""
     arrays: dict[str, Any] = {}
+    plan = plan_temps(graph)  # temps in one planned arena, as on a worker
+    arena = np.zeros(plan.arena_bytes, np.uint8)
     for b in graph.buffers.values():
         if b.kind in (BufferKind.INPUT, BufferKind.CONST):
             if b.name not in inputs:
@@ -33,10 +37,15 @@ def run_graph(graph: KernelGraph, inputs: Mapping[str, Any]) -> dict[str, np.nda
                 raise InputMismatchError(f"expects {b.shape} {b.dtype}, got {v.shape} "
                                          f"{v.dtype}", graph=graph.name, buffer=b.name)
             arrays[b.name] = v
+        elif b.kind == BufferKind.TEMP:
+            off = plan.offsets[b.name]
+            arrays[b.name] = arena[off:off + b.nbytes].view(b.dtype).reshape(b.shape)
         else:
             arrays[b.name] = np.zeros(b.shape, b.dtype)
     for _ in range(graph.n_iter):
-        for launch in graph.launches:
+        for index, launch in enumerate(graph.launches):
+            for name in plan.zero_before.get(index, ()):
+                arrays[name][...] = 0
             k = launch.kernel
             if k.kind == Kernel.ARRAY:
                 fn = k.fn

@@ -31,7 +31,7 @@ from .attrs import Attrs, Encoder
 from .errors import OnnxImportError, UnknownDimensionError, UnsupportedOperatorError
 from .kernels import KERNELS
 from .load import CODES, dtype_of, load_model, tensor_array
-from .ops import FOLD_ONLY, OPS, NodeCtx, Value
+from .ops import DOMAINS, FOLD_ONLY, OPS, NodeCtx, Value
 
 #: Oldest default-domain opset accepted (the light model zoo is opset 9).
 MIN_OPSET = 9
@@ -300,16 +300,20 @@ class _Importer:
 
         label = self._node_name(index, node)
         op = node.op_type
-        if node.domain not in ("", "ai.onnx"):
-            raise UnsupportedOperatorError(f"operator domain {node.domain!r} (only the "
-                                           "default ai.onnx domain)", node=label, op=op,
-                                           graph=self.name)
+        domain = "" if node.domain in ("", "ai.onnx") else node.domain
         spec = OPS.get(op)
-        if spec is None:
+        if domain and (spec is None or DOMAINS.get(op) != domain):
+            raise UnsupportedOperatorError(
+                f"operator domain {node.domain!r}: the table has the default ai.onnx "
+                f"domain's operators and {sorted(DOMAINS)} of ai.onnx.ml", node=label, op=op,
+                graph=self.name)
+        if spec is None or DOMAINS.get(op, "") != domain:
             raise UnsupportedOperatorError("the operator is not in the table", node=label,
                                            op=op, graph=self.name)
+        version = self.opset if not domain else max(
+            (int(o.version) for o in self.model.opset_import if o.domain == domain), default=1)
         try:
-            schema = defs.get_schema(op, self.opset, "")
+            schema = defs.get_schema(op, version, domain)
         except Exception:  # noqa: BLE001 - not defined at this opset
             raise UnsupportedOperatorError(f"the operator does not exist at opset "
                                            f"{self.opset}", node=label, op=op,
@@ -350,7 +354,9 @@ class _Importer:
         if len(outs) > spec.max_outputs:
             raise ctx.fail(f"{len(outs)} outputs (training outputs or indices are not "
                            "supported)")
-        if op in ("Dropout", "Identity") and ins and ins[0] is not None:
+        if spec.infer is not None:
+            out_values = spec.infer(ctx)
+        elif op in ("Dropout", "Identity") and ins and ins[0] is not None:
             x = ins[0]  # the data passes through; Dropout's mask is all true
             out_values = [Value(x.shape, x.dtype), Value(x.shape, np.dtype(np.bool_))
                           ][:len(outs)]

@@ -93,6 +93,8 @@ class OpSpec:
     params: Callable[[NodeCtx], Sequence[int]] = lambda ctx: ()
     #: Outputs beyond these counts are refused (training outputs, indices).
     max_outputs: int = 1
+    #: Output shapes where ONNX's shape inference gives none.
+    infer: Callable[[NodeCtx], list[Value]] | None = None
 
 
 # -- encoders ---------------------------------------------------------------------
@@ -405,6 +407,17 @@ def _trilu(ctx: NodeCtx, e: Encoder) -> None:
     e.int(ctx.attr("upper", 1)).int(0 if k is None else int(k.reshape(-1)[0]))
 
 
+def _feature_extractor_shape(ctx: NodeCtx) -> list[Value]:
+    """ArrayFeatureExtractor's output: the indices replace the last axis (a
+    1-D input gives one row), as onnxruntime computes it."""
+    x, idx = ctx.ins[0], ctx.ins[1]
+    if x is None or idx is None:
+        raise ctx.fail("needs X and Y")
+    k = int(np.prod(idx.shape))
+    shape = (1, k) if len(x.shape) == 1 else tuple(x.shape[:-1]) + (k,)
+    return [Value(shape, x.dtype)]
+
+
 def _params(*idx: int, since: int = 0) -> Callable[[NodeCtx], Sequence[int]]:
     return lambda ctx: idx if ctx.since >= since else ()
 
@@ -466,6 +479,8 @@ def _build() -> dict[str, OpSpec]:
     add(OpSpec("DepthToSpace", ops_compute.depth_to_space, _depth_to_space))
     add(OpSpec("SpaceToDepth", ops_compute.space_to_depth, _depth_to_space))
     add(OpSpec("Trilu", ops_compute.einsum_free_trilu, _trilu, _params(1)))
+    add(OpSpec("ArrayFeatureExtractor", ops_compute.array_feature_extractor,
+               infer=_feature_extractor_shape))  # ai.onnx.ml
     # Folded at import (their outputs are constants once shapes are fixed).
     for name in ("Shape", "Size", "Constant", "ConstantOfShape", "Range"):
         add(OpSpec(name, None))
@@ -473,6 +488,9 @@ def _build() -> dict[str, OpSpec]:
 
 
 OPS: dict[str, OpSpec] = _build()
+
+#: Operators of another domain than the default ai.onnx one.
+DOMAINS: dict[str, str] = {"ArrayFeatureExtractor": "ai.onnx.ml"}
 
 #: Operators computed only at import: a runtime input makes them refused.
 FOLD_ONLY = frozenset(k for k, v in OPS.items() if v.compute is None)
