@@ -23,9 +23,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="chaos: tenants' load while workers are killed (lost/wrong requests); "
                         "single (ONNX workloads): one request at a time through the cluster "
                         "against onnxruntime on as many threads")
-    p.add_argument("--threads", type=int, default=1,
+    from .placement import count_arg
+
+    p.add_argument("--threads", type=count_arg(1, 256), default=1,
                    help="single: BLAS threads of the worker and onnxruntime's intra-op threads")
-    p.add_argument("--requests", type=int, default=20, help="single: timed requests")
+    p.add_argument("--requests", type=count_arg(1, 100_000), default=20,
+                   help="single: timed requests")
     p.add_argument("--kill-every", type=float, default=3.0,
                    help="chaos: seconds between killing a random worker")
     p.add_argument("--kill-all-at", type=float, default=None,
@@ -94,9 +97,14 @@ def run(args: argparse.Namespace) -> int:
             print("--scenario single compares ONNX workloads with onnxruntime: pass "
                   "--workload onnx:<model> or --model PATH.onnx", file=sys.stderr)
             return 2
+        from ..graph.errors import KaasError
         from ..onnx.compare import run_single
 
-        return run_single(args)
+        try:
+            return run_single(args)
+        except KaasError as e:
+            print(f"dask-kaas bench: {e}", file=sys.stderr)
+            return 2
     if args.scenario == "chaos":
         from .chaos import run_scenario
 
@@ -117,8 +125,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"unknown modes: {sorted(unknown)}", file=sys.stderr)
         return 2
     duration = args.duration or (6.0 if args.quick else 15.0)
-    workload = make_workload(args.workload, args.weights_mib, batch=args.batch)
-    all_tenants = [workload.make_tenant(i) for i in range(max(counts))]
+    from ..graph.errors import KaasError
+
+    try:
+        workload = make_workload(args.workload, args.weights_mib, batch=args.batch)
+        all_tenants = [workload.make_tenant(i) for i in range(max(counts))]
+    except (KaasError, ValueError) as e:  # a model the importer refuses, an unknown name
+        print(f"dask-kaas bench: {e}", file=sys.stderr)
+        return 2
     per_tenant = all_tenants[0].nbytes
     if args.device_memory_limit:
         limit = parse_bytes(args.device_memory_limit)

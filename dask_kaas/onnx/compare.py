@@ -25,8 +25,7 @@ import numpy as np
 
 def load_target(target: str, batch: int) -> tuple[Any, dict[str, np.ndarray]]:
     """(ModelProto, one request's inputs) of a light model, ``bert`` or a path."""
-    import onnx
-
+    from .load import load_model
     from .zoo import LIGHT_MODELS, bert_encoder, bert_inputs, light_input, light_model
 
     if target in LIGHT_MODELS:
@@ -34,7 +33,7 @@ def load_target(target: str, batch: int) -> tuple[Any, dict[str, np.ndarray]]:
         return model, {data: light_input(seed=1)}
     if target == "bert":
         return bert_encoder(seed=1000), bert_inputs(batch)
-    model = onnx.load(target)
+    model = load_model(target)
     from .importer import from_onnx
 
     graph, _ = from_onnx(model, batch=batch)
