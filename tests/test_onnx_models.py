@@ -199,3 +199,20 @@ def test_a_scikit_learn_classifier_converted_with_skl2onnx(client):
     with_zipmap = skl2onnx.to_onnx(clf, x[:1], target_opset=17)
     with pytest.raises(UnsupportedOperatorError, match="ZipMap.*ai.onnx.ml"):
         from_onnx(with_zipmap, batch=1)
+
+
+def test_the_onnx_resnet_example(big_client):
+    import onnx_resnet
+
+    assert onnx_resnet.main(big_client, "squeezenet", tenants=2, requests=1) < 1e-3
+
+
+@pytest.mark.parametrize("model", [b"garbage", 7, None, "/no/such.onnx", b"\x0a\xff\xff"])
+def test_hostile_models_for_registration_and_the_backend(client, model):
+    from dask_kaas.onnx.backend import KaasBackend
+
+    with pytest.raises(KaasError):
+        register_onnx_model(client, model)
+    with pytest.raises(KaasError):
+        KaasBackend.prepare(model, "CPU", client=client)
+    assert KaasBackend.is_compatible(model) is False

@@ -10,9 +10,11 @@ imported only when a model is imported.
 from .errors import OnnxImportError, UnknownDimensionError, UnsupportedOperatorError
 from .importer import from_onnx
 from .ops import OPS
+from .serve import OnnxModel, register_onnx_model
 
-__all__ = ["OPS", "OnnxImportError", "UnknownDimensionError", "UnsupportedOperatorError",
-           "from_onnx", "supported_operators"]
+__all__ = ["OPS", "OnnxImportError", "OnnxModel", "UnknownDimensionError",
+           "UnsupportedOperatorError", "from_onnx", "register_onnx_model",
+           "supported_operators"]
 
 
 def supported_operators() -> list[str]:
