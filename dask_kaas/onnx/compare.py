@@ -74,7 +74,7 @@ def run_single(args: Any) -> int:
     arrays_s: list[float] = []
     ort_s: list[float] = []
     wrong = 0
-    with LocalKaasCluster(1, backend=getattr(args, "backend", None) or "cpu",
+    with LocalKaasCluster(1, backend=getattr(args, "backend", None) or "auto",
                           dashboard_address=None, device_memory_limit=limit,
                           threads_per_worker=1) as cluster, KaasClient(cluster) as client:
         inputs = {**consts, **feed}

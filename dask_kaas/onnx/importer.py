@@ -105,13 +105,13 @@ class _Importer:
     def fail(self, msg: str) -> OnnxImportError:
         return OnnxImportError(msg, graph=self.name)
 
-    def _opset(self) -> int:
+    def _opset(self) -> int | None:
         version = None
         for imp in self.model.opset_import:
             if imp.domain in ("", "ai.onnx"):
                 version = int(imp.version)
         if version is None:
-            raise self.fail("the model imports no default-domain (ai.onnx) opset")
+            return None  # a model of other domains only; a default-domain node is refused
         newest = self.onnx.defs.onnx_opset_version()
         if not MIN_OPSET <= version <= newest:
             raise UnsupportedOperatorError(f"opset {version} is outside the supported "
@@ -310,6 +310,9 @@ class _Importer:
         if spec is None or DOMAINS.get(op, "") != domain:
             raise UnsupportedOperatorError("the operator is not in the table", node=label,
                                            op=op, graph=self.name)
+        if not domain and self.opset is None:
+            raise self.fail(f"node {label!r} ({op}) is of the default domain, which the "
+                            "model imports no opset of")
         version = self.opset if not domain else max(
             (int(o.version) for o in self.model.opset_import if o.domain == domain), default=1)
         try:
@@ -607,7 +610,7 @@ def param_inputs(model: Any) -> list[str]:
     """Names of the graph inputs that the table needs as constants at import
     (a Reshape's shape, Slice's starts, Clip's bounds, every input of an
     operator computed only at import such as Range): a caller that knows
-    their values can make them initializers (see ``conformance.with_constants``)."""
+    their values can make them initializers (:func:`with_constants`)."""
     from onnx import defs
 
     m = load_model(model)
