@@ -414,3 +414,31 @@ def test_conv_batchnorm_relu_fuse_into_one_launch_with_the_same_result():
                                ).run(None, {"x": x})
     for name, r in zip(["y", "z", "c2"], ref):
         np.testing.assert_allclose(got[name], r, rtol=1e-4, atol=1e-5)
+
+
+def test_graphs_of_one_model_at_several_batches_share_their_weights():
+    """OnnxModel builds a graph per input shape; folded weights (here the
+    BatchNormalization folded into the Conv) are computed once and are the
+    same arrays in every graph, so the cluster holds one copy."""
+    from dask_kaas.onnx.serve import OnnxModel
+
+    rng = np.random.default_rng(2)
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), n)
+             for n, shape in (("w", (4, 3, 3, 3)), ("s", (4,)), ("bb", (4,)), ("m", (4,)))]
+    inits.append(numpy_helper.from_array(rng.uniform(0.5, 2, 4).astype(np.float32), "v"))
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]),
+             helper.make_node("BatchNormalization", ["c", "s", "bb", "m", "v"], ["y"])]
+    model = helper.make_model(helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits),
+        opset_imports=[helper.make_opsetid("", 15)])
+    m = OnnxModel(model, max_graphs=2)
+    g1, c1 = m.graph_for({"x": (1, 3, 6, 6)})
+    g2, c2 = m.graph_for({"x": (5, 3, 6, 6)})
+    assert g1.buffers["y"].shape == (1, 4, 4, 4) and g2.buffers["y"].shape == (5, 4, 4, 4)
+    assert c1.keys() == c2.keys() and len(c1) == 2  # W and B with the BatchNorm folded in
+    assert all(c1[k] is c2[k] for k in c1)
+    assert m.graph_for({"x": (1, 3, 6, 6)})[0] is g1  # cached
+    m.graph_for({"x": (2, 3, 6, 6)})
+    m.graph_for({"x": (3, 3, 6, 6)})
+    assert len(m._graphs) == 2  # least recently used out

@@ -83,7 +83,8 @@ def _fixed_dims(batch: Any) -> tuple[int | None, dict[str, int]]:
 class _Importer:
     def __init__(self, model: Any, batch: Any, name: str | None,
                  shapes: Mapping[str, tuple[int, ...]] | None = None,
-                 initializers: Mapping[str, np.ndarray] | None = None) -> None:
+                 initializers: Mapping[str, np.ndarray] | None = None,
+                 memo: dict[Any, Any] | None = None) -> None:
         import onnx
 
         self.onnx = onnx
@@ -91,6 +92,11 @@ class _Importer:
         self.batch, self.dims = _fixed_dims(batch)
         self.shapes = dict(shapes or {})
         self.initializers = initializers
+        #: Folded constants of earlier imports of the same model: a node whose
+        #: constant inputs are the very same arrays gives the same arrays, so
+        #: graphs of one model at several shapes share their weights.
+        self.memo = memo
+        self._index = -1
         self.fuse = True
         g = model.graph
         gname = name if name is not None else (g.name or "onnx_model")
@@ -346,7 +352,9 @@ class _Importer:
                 for i, v in enumerate(ins):
                     if v is not None and v.const is None:
                         ctx.const(i, "a value the importer must compute")
-            results = self._fold_only(op, node, ctx, label)
+            results = self._memo(("node", index, tuple(v.shape for v in ins if v)),
+                                 [v.const for v in ins if v is not None and v.const is not None],
+                                 lambda: self._fold_only(op, node, ctx, label))
             if len(results) != len(outs):
                 raise ctx.fail(f"{len(outs)} outputs")
             for name, r in zip(outs, results):
@@ -386,18 +394,36 @@ class _Importer:
         self.steps.append(_Step(op, label, [node.input[i] for i in buf_idx], outs,
                                 enc.items))
 
+    def _memo(self, key: Any, inputs: list[np.ndarray],
+              compute: Any) -> list[np.ndarray]:
+        if self.memo is None:
+            return compute()
+        hit = self.memo.get(key)
+        if hit is not None and len(hit[0]) == len(inputs) and all(
+                a is b for a, b in zip(hit[0], inputs)):
+            return hit[1]
+        results = compute()
+        self.memo[key] = (list(inputs), results)
+        return results
+
     def _fold(self, spec: Any, ctx: NodeCtx, arrays: list[np.ndarray], outs: list[str],
               values: list[Value], lits: list[np.generic]) -> None:
         for v in values:
             self._fold_room(int(np.prod(v.shape, dtype=object)) * v.dtype.itemsize, ctx)
-        results = [np.empty(v.shape, v.dtype) for v in values]
-        try:
-            with np.errstate(all="ignore"):
-                spec.compute(np, arrays, results, Attrs(lits))
-        except Exception as e:  # noqa: BLE001 - the constants do not fit the operator
-            raise OnnxImportError(f"node {ctx.name!r} ({ctx.op}): folding its constant "
-                                  f"inputs failed: {type(e).__name__}: {show(str(e))}",
-                                  graph=self.name) from None
+
+        def compute() -> list[np.ndarray]:
+            results = [np.empty(v.shape, v.dtype) for v in values]
+            try:
+                with np.errstate(all="ignore"):
+                    spec.compute(np, arrays, results, Attrs(lits))
+            except Exception as e:  # noqa: BLE001 - the constants do not fit the operator
+                raise OnnxImportError(f"node {ctx.name!r} ({ctx.op}): folding its constant "
+                                      f"inputs failed: {type(e).__name__}: {show(str(e))}",
+                                      graph=self.name) from None
+            return results
+
+        results = self._memo(("node", self._index, tuple(v.shape for v in values)), arrays,
+                             compute)
         for name, r, v in zip(outs, results, values):
             self.values[name] = Value(v.shape, v.dtype, r)
 
@@ -465,15 +491,19 @@ class _Importer:
         w = self.values[conv.ins[1]]
         if any(v.const is None for v in vals) or w.dtype.kind != "f" or len(bn.ins) != 5:
             return False
-        scale, bias, mean, var = (self.values[n].const.astype(np.float64)  # type: ignore
-                                  for n in bn.ins[1:])
-        eps = float(bn.lits[0])
-        a = scale / np.sqrt(var + eps)
-        wc = w.const.astype(np.float64)  # type: ignore[union-attr]
-        w_new = (wc * a.reshape((-1,) + (1,) * (wc.ndim - 1))).astype(w.dtype)
-        b_old = self.values[conv.ins[2]].const.astype(np.float64) if len(conv.ins) > 2 \
-            else np.zeros_like(a)  # type: ignore[union-attr]
-        b_new = ((b_old - mean) * a + bias).astype(w.dtype)
+
+        def fold() -> list[np.ndarray]:
+            scale, bias, mean, var = (self.values[n].const.astype(np.float64)  # type: ignore
+                                      for n in bn.ins[1:])
+            a = scale / np.sqrt(var + float(bn.lits[0]))
+            wc = w.const.astype(np.float64)  # type: ignore[union-attr]
+            w_new = (wc * a.reshape((-1,) + (1,) * (wc.ndim - 1))).astype(w.dtype)
+            b_old = self.values[conv.ins[2]].const.astype(np.float64) if len(conv.ins) > 2 \
+                else np.zeros_like(a)  # type: ignore[union-attr]
+            return [w_new, ((b_old - mean) * a + bias).astype(w.dtype)]
+
+        key = ("bn", conv.node, bn.node, float(bn.lits[0]))
+        w_new, b_new = self._memo(key, [v.const for v in vals], fold)  # type: ignore[misc]
         names = []
         for suffix, arr in (("W", w_new), ("B", b_new)):
             name = self._fresh(f"{conv.node}/{suffix}+{bn.node}")
@@ -563,6 +593,7 @@ class _Importer:
             raise self.fail(f"{len(g.node)} nodes, more than {MAX_NODES}")
         self._read_graph_io()
         for i, node in enumerate(g.node):
+            self._index = i
             self._node(i, node)
         if self.fuse:
             self._fuse()
@@ -588,15 +619,18 @@ def from_onnx(model: Any, *, batch: int | Mapping[str, int] | None = None,
 
 def import_model(model: Any, *, batch: Any = None, name: str | None = None,
                  shapes: Mapping[str, tuple[int, ...]] | None = None,
-                 initializers: Mapping[str, np.ndarray] | None = None
+                 initializers: Mapping[str, np.ndarray] | None = None,
+                 memo: dict[Any, Any] | None = None
                  ) -> tuple[KernelGraph, dict[str, np.ndarray]]:
     """:func:`from_onnx` for callers that build one model at several shapes:
     ``shapes`` gives graph inputs' whole shapes (they must agree with the
     dimensions the model fixes), ``initializers`` the arrays already read
-    from the model's initializers (read once, shared by every graph)."""
+    from the model's initializers (read once, shared by every graph),
+    ``memo`` a dict kept between calls so that folded constants (BatchNorm
+    folded into Conv weights, ...) are computed once and shared too."""
     m = load_model(model)
     try:
-        return _Importer(m, batch, name, shapes, initializers).run()
+        return _Importer(m, batch, name, shapes, initializers, memo).run()
     except KaasError:
         raise
     except RecursionError:

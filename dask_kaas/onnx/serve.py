@@ -62,6 +62,8 @@ class OnnxModel:
         self.outputs = [o.name for o in g.output]
         self._graphs: OrderedDict[tuple[Any, ...], tuple[KernelGraph, dict[str, np.ndarray]]] \
             = OrderedDict()
+        #: Folded constants shared by the graphs of every shape (import_model).
+        self._memo: dict[Any, Any] = {}
         #: id(const array) -> (the array, its scattered future).
         self._scattered: dict[int, tuple[np.ndarray, Any]] = {}
         if all(None not in shape for shape, _ in self.inputs.values()) or batch is not None:
@@ -78,7 +80,7 @@ class OnnxModel:
             self._graphs.move_to_end(key)
             return hit
         built = import_model(self.proto, batch=self.batch, shapes=shapes, name=self.name,
-                             initializers=self._initializers)
+                             initializers=self._initializers, memo=self._memo)
         self._graphs[key] = built
         while len(self._graphs) > self.max_graphs:
             self._graphs.popitem(last=False)
