@@ -216,3 +216,34 @@ def test_hostile_models_for_registration_and_the_backend(client, model):
     with pytest.raises(KaasError):
         KaasBackend.prepare(model, "CPU", client=client)
     assert KaasBackend.is_compatible(model) is False
+
+
+def test_hostile_literals_in_a_graph_document_fail_their_request(client):
+    """A JSON document may carry any literals; an ONNX kernel checks them
+    against its buffers before looping or allocating (a window of 10**6 x
+    10**6 is refused, not run), and only that request fails."""
+    from onnx import TensorProto, helper
+
+    from dask_kaas.graph import KernelExecutionError
+
+    pool = helper.make_model(helper.make_graph(
+        [helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 2])], "pool",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    g, _ = from_onnx(pool)
+    x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
+    good = submit_kernel_graph(g, {"x": x}, client).result()["y"]
+    np.testing.assert_array_equal(good, reference(pool, {"x": x})["y"])
+    doc = g.to_dict()
+    lits = [a for a in doc["launches"][0]["args"] if "literal" in a]
+    assert [v["literal"] for v in lits[1:4]] == [2, 2, 2]  # kernel_shape
+    for bad in ([10**6, 10**6], [0, 2], [-3, 2]):
+        lits[2]["literal"], lits[3]["literal"] = bad
+        hostile = KernelGraph.from_dict(doc)
+        with pytest.raises(KernelExecutionError, match="window"):
+            submit_kernel_graph(hostile, {"x": x}, client).result()
+    lits[2]["literal"] = lits[3]["literal"] = 2
+    lits[0]["literal"] = 5  # more outputs than buffers
+    with pytest.raises(KaasError):
+        submit_kernel_graph(KernelGraph.from_dict(doc), {"x": x}, client).result()

@@ -374,6 +374,9 @@ def _im2col(x: Any, cols: Any, ks: Sequence[int], pads: Sequence[int],
 def conv(xp: Any, ins: Sequence[Any], outs: Sequence[Any], a: Attrs) -> None:
     group, pads, strides, dil, act = a.int(), a.ints(), a.ints(), a.ints(), a.int()
     x, w = ins[0], ins[1]
+    _check_window(x, w.shape[2:], pads, strides, dil, pool=False)
+    if group < 1 or x.shape[1] != w.shape[1] * group or w.shape[0] % group:
+        raise ValueError(f"group {group} does not fit X {x.shape} and W {w.shape}")
     y = outs[0]
     nd = x.ndim - 2
     n, c = x.shape[:2]
@@ -408,11 +411,28 @@ def _pool_setup(xp: Any, x: Any, y: Any, a: Attrs, fill: Any
     ks, pads, strides, dil = a.ints(), a.ints(), a.ints(), a.ints()
     nd = len(ks)
     osp = y.shape[2:]
+    _check_window(x, ks, pads, strides, dil)
     begins, ends = list(pads[:nd]), list(pads[nd:])
     extra = [max(0, (o - 1) * s + (k - 1) * d + 1 - (n + b + e)) for o, s, k, d, n, b, e in
              zip(osp, strides, ks, dil, x.shape[2:], begins, ends)]
     xpad = _padded(xp, x, begins, [e + ex for e, ex in zip(ends, extra)], fill)
     return xpad, _windows(ks, strides, dil, osp), begins, ends, extra
+
+
+def _check_window(x: Any, ks: Sequence[int], pads: Sequence[int], strides: Sequence[int],
+                  dil: Sequence[int], pool: bool = True) -> None:
+    """Attribute literals that fit the input (the importer always writes
+    such; a hand-written document must too): no window larger than the
+    padded input, so the loops over a window stay as small as the input."""
+    nd = x.ndim - 2
+    if not (len(ks) == len(strides) == len(dil) == nd and len(pads) == 2 * nd):
+        raise ValueError(f"window attributes for {len(ks)} axes, the input has {nd}")
+    for i, (k, s, d, n) in enumerate(zip(ks, strides, dil, x.shape[2:])):
+        b, e = pads[i], pads[i + nd]
+        if k < 1 or s < 1 or d < 1 or b < 0 or e < 0 or (k - 1) * d + 1 > n + b + e \
+                or (pool and (b >= (k - 1) * d + 1 or e >= (k - 1) * d + 1)):
+            raise ValueError(f"window {k} (stride {s}, dilation {d}, pads {b}, {e}) does "
+                             f"not fit an axis of {n}")
 
 
 def _lowest(dt: np.dtype) -> Any:
@@ -511,6 +531,8 @@ def lrn(xp: Any, ins: Sequence[Any], outs: Sequence[Any], a: Attrs) -> None:
     alpha, beta, bias, size = a.float(), a.float(), a.float(), a.int()
     x = ins[0]
     c = x.shape[1]
+    if not 1 <= size <= 2 * c + 1:
+        raise ValueError(f"LRN size {size} for {c} channels")
     lo = (size - 1) // 2
     hi = size - 1 - lo
     sq = x * x
@@ -568,7 +590,11 @@ def expand(xp: Any, ins: Sequence[Any], outs: Sequence[Any], a: Attrs) -> None:
 
 
 def tile(xp: Any, ins: Sequence[Any], outs: Sequence[Any], a: Attrs) -> None:
-    put(outs[0], xp.tile(ins[0], tuple(a.ints())))
+    reps = tuple(a.ints())
+    x, y = ins[0], outs[0]
+    if len(reps) != x.ndim or tuple(n * r for n, r in zip(x.shape, reps)) != y.shape:
+        raise ValueError(f"Tile of {x.shape} by {reps} does not give {y.shape}")
+    put(y, xp.tile(x, reps))
 
 
 def transpose(xp: Any, ins: Sequence[Any], outs: Sequence[Any], a: Attrs) -> None:
@@ -636,6 +662,9 @@ def pad(xp: Any, ins: Sequence[Any], outs: Sequence[Any], a: Attrs) -> None:
     x = ins[0]
     nd = x.ndim
     begins, ends = pads[:nd], pads[nd:]
+    if len(pads) != 2 * nd or tuple(n + b + e for n, b, e in zip(x.shape, begins, ends)) \
+            != tuple(outs[0].shape):
+        raise ValueError(f"pads {pads} of {x.shape} do not give {outs[0].shape}")
     crop = tuple(slice(-b if b < 0 else 0, x.shape[i] + e if e < 0 else None)
                  for i, (b, e) in enumerate(zip(begins, ends)))
     x = x[crop]

@@ -210,8 +210,10 @@ def _pool(avg: bool) -> Encode:
         if not ks or any(k < 1 for k in ks):
             raise ctx.fail(f"kernel_shape {ks}")
         pads, strides, dil = _spatial(ctx, ks, ctx.outs[0].shape[2:])
-        if any(p >= k for p, k in zip(pads, ks + ks)) and avg:
-            raise ctx.fail("a pad as large as the kernel (a window of padding only)")
+        spans = [(k - 1) * d + 1 for k, d in zip(ks, dil)]
+        if any(p >= k for p, k in zip(pads, spans + spans)):
+            raise ctx.fail(f"pads {pads} as large as the window {spans} (a window of "
+                           "padding only)")
         e.ints(ks).ints(pads).ints(strides).ints(dil)
         if avg:
             e.int(ctx.attr("count_include_pad", 0))
