@@ -47,22 +47,41 @@ _ERFC = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.2788680
 
 
 def erf(xp: Any, x: Any) -> Any:
-    z = xp.abs(x).astype(np.float64)
-    t = 1.0 / (1.0 + 0.5 * z)
-    poly = xp.zeros_like(z) + _ERFC[-1]
-    for c in reversed(_ERFC[:-1]):
-        poly = poly * t + c
-    big = 1.0 - t * xp.exp(-z * z + poly)
-    zs = xp.minimum(z, 0.5)
+    """erf in the input's precision (float64 for float64, float32 else),
+    with operations in place: it is the Gelu of every transformer layer."""
+    wide = np.float64 if x.dtype == np.float64 else np.float32
+    z = xp.abs(x).astype(wide)
+    # Past 4 (float32) or 6 (float64) erf rounds to 1: clamping keeps exp()
+    # out of subnormal numbers, which cost a hundred times more.
+    z = xp.minimum(z, wide(6 if wide is np.float64 else 4), out=z)
+    t = z * wide(0.5)
+    t += wide(1)
+    xp.reciprocal(t, out=t)
+    poly = t * wide(_ERFC[-1])
+    for c in reversed(_ERFC[1:-1]):
+        poly += wide(c)
+        poly *= t
+    poly += wide(_ERFC[0])
+    poly -= z * z
+    xp.exp(poly, out=poly)
+    poly *= t
+    r = wide(1) - poly  # 1 - erfc(|x|)
+    # Near 0, 1 - erfc loses the relative precision: there, the Taylor series
+    # (|x| < 0.5: 6 terms reach float32's precision, 9 float64's), in Horner
+    # form on x**2 so that no term of a tiny x becomes subnormal.
+    zs = xp.minimum(z, wide(0.5))
     z2 = zs * zs
-    term = zs.copy()
-    small = zs.copy()
-    for n in range(1, 14):
-        term = term * (-z2) / n
-        small = small + term / (2 * n + 1)
-    small = small * (2.0 / math.sqrt(math.pi))
-    r = xp.where(z < 0.5, small, big)
-    return (xp.sign(x) * r).astype(x.dtype)
+    z2 *= wide(-1)
+    terms = 10 if wide is np.float64 else 7
+    acc = xp.full(z.shape, wide(1 / (math.factorial(terms - 1) * (2 * terms - 1))), wide)
+    for n in range(terms - 2, -1, -1):
+        acc *= z2
+        acc += wide(1 / (math.factorial(n) * (2 * n + 1)))
+    acc *= zs
+    acc *= wide(2.0 / math.sqrt(math.pi))
+    r = xp.where(z < wide(0.5), acc, r)
+    r *= xp.sign(x).astype(wide)
+    return r.astype(x.dtype)
 
 
 # -- elementwise -----------------------------------------------------------------
@@ -175,6 +194,23 @@ UNARY_OUT: dict[str, Callable[[Any, Any, Any], Any]] = {
 }
 
 
+#: Elements per chunk for NumPy work with temporaries: under glibc's mmap
+#: threshold (a Dask worker's MALLOC_TRIM_THRESHOLD_ freezes it at 128 KiB,
+#: so every larger temporary is a fresh mapping that page-faults) and within
+#: the L2 cache.
+CHUNK = 1 << 14
+
+
+def _chunks(xp: Any, n: int, width: int) -> list[slice]:
+    """Row slices of about CHUNK elements (rows of ``width``) on NumPy; one
+    slice on CuPy, whose pool allocates without faults and whose launches
+    want whole arrays."""
+    if xp is not np or n * width <= 2 * CHUNK:
+        return [slice(0, n)]
+    step = max(1, CHUNK // max(width, 1))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
 def unary(name: str) -> Callable[..., None]:
     fn = UNARY[name]
     direct = UNARY_OUT.get(name)
@@ -184,7 +220,14 @@ def unary(name: str) -> Callable[..., None]:
         if direct is not None and x.dtype == y.dtype and x.shape == y.shape:
             direct(xp, x, y)
             return
-        put(y, fn(xp, x, a))
+        if x.shape != y.shape or not y.flags.c_contiguous or x.ndim == 0:
+            put(y, fn(xp, x, a))
+            return
+        flat_x, flat_y = x.reshape(-1), y.reshape(-1)
+        start = a.pos
+        for sl in _chunks(xp, flat_x.shape[0], 1):
+            a.pos = start  # every chunk reads the same attributes
+            put(flat_y[sl], fn(xp, flat_x[sl], a))
 
     return compute
 
@@ -238,6 +281,9 @@ def binary(name: str) -> Callable[..., None]:
         out = outs[0]
         if ufunc is not None and x.dtype == y.dtype == out.dtype:
             getattr(xp, ufunc)(x, y, out=out)
+            return
+        if name == "Div" and x.dtype == y.dtype == out.dtype and out.dtype.kind == "f":
+            xp.divide(x, y, out=out)
             return
         put(out, fn(xp, x, y))
 
@@ -511,15 +557,30 @@ def instance_norm(xp: Any, ins: Sequence[Any], outs: Sequence[Any], a: Attrs) ->
 def layer_norm(xp: Any, ins: Sequence[Any], outs: Sequence[Any], a: Attrs) -> None:
     axis, eps, stash32 = a.int(), a.float(), a.int()
     x = ins[0]
+    rows = math.prod(x.shape[:axis])
+    width = math.prod(x.shape[axis:])
+    if rows == 0 or width == 0 or not all(o.flags.c_contiguous for o in outs):
+        _layer_norm_rows(xp, x, ins[1:], outs, axis, eps, stash32)
+        return
+    x2 = x.reshape((rows,) + x.shape[axis:])
+    outs2 = [o.reshape((rows,) + o.shape[axis:]) for o in outs]
+    for sl in _chunks(xp, rows, width):
+        _layer_norm_rows(xp, x2[sl], ins[1:], [o[sl] for o in outs2], 1, eps, stash32)
+
+
+def _layer_norm_rows(xp: Any, x: Any, params: Sequence[Any], outs: Sequence[Any],
+                     axis: int, eps: float, stash32: int) -> None:
     xs = x.astype(np.float32) if stash32 and x.dtype != np.float64 else x
     axes = tuple(range(axis, x.ndim))
     mean = xp.mean(xs, axis=axes, keepdims=True)
     d = xs - mean
     var = xp.mean(d * d, axis=axes, keepdims=True)
     inv = _same(var, 1) / xp.sqrt(var + _same(var, eps))
-    r = (d * inv).astype(x.dtype) * ins[1]
-    if len(ins) > 2:
-        r = r + ins[2]
+    d *= inv
+    r = d.astype(x.dtype)
+    r *= params[0]
+    if len(params) > 1:
+        r += params[1]
     put(outs[0], r)
     if len(outs) > 1:
         put(outs[1], mean.astype(outs[1].dtype))
