@@ -1,7 +1,7 @@
 """Real architectures through submit_kernel_graph on a real cluster, against
 onnxruntime: the nine model-zoo CNNs shipped with onnx (seeded random
-weights) and a BERT-style encoder, at rtol 1e-3 / atol 1e-4.  The heavy
-ones (hundreds of MiB of weights, seconds of NumPy each) are marked slow."""
+weights) and a BERT-style encoder, at rtol 1e-3 / atol 1e-4.  The three with
+hundreds of MiB of weights (VGG-19, AlexNet, ZFNet-512) are marked slow."""
 
 from __future__ import annotations
 
@@ -27,8 +27,9 @@ from dask_kaas.onnx.serve import OnnxModel, register_onnx_model  # noqa: E402
 from dask_kaas.onnx.zoo import bert_encoder, bert_inputs, light_input, light_model  # noqa: E402
 
 RTOL, ATOL = 1e-3, 1e-4
-FAST = ["resnet50", "squeezenet", "shufflenet", "inception_v1"]
-SLOW = ["densenet121", "inception_v2", "vgg19", "bvlc_alexnet", "zfnet512"]
+FAST = ["resnet50", "densenet121", "inception_v1", "inception_v2", "shufflenet", "squeezenet"]
+#: Hundreds of MiB of weights each (sent to the cluster and compared): slow.
+SLOW = ["vgg19", "bvlc_alexnet", "zfnet512"]
 
 
 @pytest.fixture(scope="module")
