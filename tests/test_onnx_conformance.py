@@ -11,6 +11,7 @@ pytest.importorskip("onnx")
 
 from dask_kaas.onnx import conformance  # noqa: E402
 from dask_kaas.onnx.backend import KaasBackend  # noqa: E402
+from dask_kaas.onnx.execute import run_graph  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -78,3 +79,47 @@ def test_onnx_backend_runs_cases_through_the_cluster(client):
     assert seen == names
     assert KaasBackend.supports_device("CPU")
     assert not KaasBackend.supports_device("TPU")
+
+
+#: Functions of CuPy's documented API (docs.cupy.dev reference: ufuncs,
+#: creation, manipulation, indexing, reductions) that NumPy has too: the only
+#: ones an operator may call on ``xp``.
+CUPY_API = set("""
+abs add amax amin arange arccos arccosh arcsin arcsinh arctan arctanh argmax argmin
+around asarray bitwise_and bitwise_or bitwise_xor broadcast_to ceil clip concatenate cos
+cosh cumsum divide empty equal exp expand_dims flip floor floor_divide fmod full greater
+greater_equal isfinite isinf isnan less less_equal log logaddexp logical_and logical_not
+logical_or logical_xor matmul maximum mean minimum multiply negative ones pad power prod
+reciprocal remainder reshape rint sign sin sinh sqrt square subtract sum take
+take_along_axis tan tanh tile transpose tril triu where zeros zeros_like
+""".split())
+
+
+class CupyLike:
+    """NumPy that answers only with CuPy's functions (and is not ``np``, so
+    kernels take their CuPy paths: no NumPy-only chunking)."""
+
+    def __getattr__(self, name):
+        if name not in CUPY_API:
+            raise AttributeError(f"xp.{name} is not a CuPy function")
+        return getattr(np, name)
+
+
+def test_every_passing_case_runs_with_only_cupy_functions(cases):
+    """The table works on CuPy by construction: each passing case, run in
+    process with an ``xp`` that has only CuPy's functions, still passes."""
+    xp = CupyLike()
+    checked = 0
+    for case in cases:
+        if case.outcome != "passed":
+            continue
+        got = run_graph(case.graph, case.feed, xp=xp)
+        for name, ref in case.expected.items():
+            if ref.dtype.kind in "fc":
+                np.testing.assert_allclose(got[name].astype(np.float64),
+                                           ref.astype(np.float64), rtol=case.rtol,
+                                           atol=case.atol, equal_nan=True, err_msg=case.name)
+            else:
+                np.testing.assert_array_equal(got[name], ref, err_msg=case.name)
+        checked += 1
+    assert checked >= 800

@@ -107,7 +107,7 @@ UNARY: dict[str, Callable[[Any, Any, Attrs], Any]] = {
     "Reciprocal": lambda xp, x, a: _same(x, 1) / x,
     "Floor": lambda xp, x, a: xp.floor(x),
     "Ceil": lambda xp, x, a: xp.ceil(x),
-    "Round": lambda xp, x, a: xp.round(x),
+    "Round": lambda xp, x, a: xp.rint(x),  # half to even, as ONNX
     "Sign": lambda xp, x, a: xp.sign(x),
     "Sin": lambda xp, x, a: xp.sin(x),
     "Cos": lambda xp, x, a: xp.cos(x),
@@ -525,7 +525,7 @@ def global_pool(kind: str) -> Callable[..., None]:
         x = ins[0]
         axes = tuple(range(2, x.ndim))
         r = xp.mean(x, axis=axes, keepdims=True) if kind == "avg" else \
-            xp.max(x, axis=axes, keepdims=True)
+            xp.amax(x, axis=axes, keepdims=True)
         put(outs[0], r.astype(x.dtype))
 
     return compute
@@ -618,7 +618,7 @@ def softmax(kind: str) -> Callable[..., None]:
         if x2.size == 0:
             put(outs[0], x)
             return
-        m = xp.max(x2, axis=ax, keepdims=True)
+        m = xp.amax(x2, axis=ax, keepdims=True)
         d = x2 - m
         if kind == "hard":  # one-hot of the first maximum (no put_along_axis: CuPy)
             idx = xp.expand_dims(xp.argmax(x2, axis=ax), ax)
@@ -752,9 +752,9 @@ def where_reduce(kind: str) -> Callable[..., None]:
         elif kind == "mean":
             r = xp.mean(x, axis=ax, keepdims=bool(keep))
         elif kind == "max":
-            r = xp.max(x, axis=ax, keepdims=bool(keep))
+            r = xp.amax(x, axis=ax, keepdims=bool(keep))
         elif kind == "min":
-            r = xp.min(x, axis=ax, keepdims=bool(keep))
+            r = xp.amin(x, axis=ax, keepdims=bool(keep))
         elif kind == "prod":
             r = xp.prod(x, axis=ax, keepdims=bool(keep), dtype=x.dtype)
         elif kind == "l1":
@@ -769,7 +769,7 @@ def where_reduce(kind: str) -> Callable[..., None]:
             if x.size == 0:
                 r = xp.log(xp.sum(xp.exp(x), axis=ax, keepdims=bool(keep)))
             else:
-                m = xp.max(x, axis=ax, keepdims=True)
+                m = xp.amax(x, axis=ax, keepdims=True)
                 m = xp.where(xp.isfinite(m), m, _same(x, 0))
                 s = xp.sum(xp.exp(x - m), axis=ax, keepdims=True)
                 r = xp.log(s) + m

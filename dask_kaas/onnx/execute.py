@@ -23,8 +23,10 @@ from ..graph.library import BUILTINS
 from ..graph.memplan import plan_temps
 
 
-def run_graph(graph: KernelGraph, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """The outputs of ``graph`` for ``inputs`` (every input and const)."""
+def run_graph(graph: KernelGraph, inputs: Mapping[str, Any], xp: Any = np
+              ) -> dict[str, np.ndarray]:
+    """The outputs of ``graph`` for ``inputs`` (every input and const);
+    ``xp`` is the array module the kernels get (NumPy, or a stand-in)."""
     arrays: dict[str, Any] = {}
     plan = plan_temps(graph)  # temps in one planned arena, as on a worker
     arena = np.zeros(plan.arena_bytes, np.uint8)
@@ -56,7 +58,7 @@ def run_graph(graph: KernelGraph, inputs: Mapping[str, Any]) -> dict[str, np.nda
             else:
                 raise KernelDefinitionError("no CPU implementation", kernel=k.name)
             assert fn is not None
-            fn(np, *[arrays[a.buffer.name] if isinstance(a, ArgRef) else a
+            fn(xp, *[arrays[a.buffer.name] if isinstance(a, ArgRef) else a
                      for a in launch.args])
     return {b.name: arrays[b.name] for b in graph.outputs}
 
