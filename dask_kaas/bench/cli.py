@@ -19,7 +19,8 @@ QUICK_MODES = ["kaas", "kaas-dask", "naive", "static"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scenario", default="throughput", choices=["throughput", "chaos", "single"],
+    p.add_argument("--scenario", default="throughput", choices=["throughput", "chaos", "single",
+                                                             "latency-profile"],
                    help="chaos: tenants' load while workers are killed (lost/wrong requests); "
                         "single (ONNX workloads): one request at a time through the cluster "
                         "against onnxruntime on as many threads")
@@ -109,6 +110,10 @@ def run(args: argparse.Namespace) -> int:
         from .chaos import run_scenario
 
         return run_scenario(args)
+    if args.scenario == "latency-profile":
+        from .latency_profile import run_scenario as run_profile_scenario
+
+        return run_profile_scenario(args)
     from ..client import KaasClient
     from ..cluster import LocalKaasCluster
     from .driver import LoadSpec, run_load
