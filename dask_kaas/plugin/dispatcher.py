@@ -24,6 +24,16 @@ result has, for a moment after each, nothing queued, and would otherwise
 lose its weight to tenants with more requests outstanding.  A worker with a
 free slot is never kept waiting.
 
+Release at submission: when nothing is held and a worker has a free slot,
+a new graph needs no pass at all.  ``update_graph`` runs before Dask's first
+transitions of the new task, so the dispatcher places it there and then
+(the same choice, booking and fair-share charge as a release) and leaves
+the restriction to that worker in place: Dask's own transitions of the
+submission take it straight to ``processing`` there, with no detour through
+``no-worker`` and no second stimulus.  If Dask cannot put it there after
+all (an input not in memory yet, the worker gone), the booking is undone
+and the graph is held like any other.
+
 A released graph whose worker leaves (or that is cancelled, retried or
 recomputed) goes back through ``released``/``waiting``, where its restriction
 is reset to the hold address, so it returns to the queue.
@@ -37,6 +47,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .. import config
 from ..graph.errors import KaasError
 from .anticipation import PlaceTimer, anticipation_s
 from .candidates import candidate_workers
@@ -87,7 +98,13 @@ class Dispatcher:
                                      self.wake)
         self._seq = itertools.count()
         self._pass_due = False
+        #: Release a new graph in ``update_graph`` when nothing is held and
+        #: a worker has a free slot (``kaas.release-at-submit``).
+        self.release_at_submit = bool(config.get("release-at-submit", True))
+        #: keys released at submission, until Dask confirms ``processing``
+        self.at_submit: set[Any] = set()
         self.releases = 0
+        self.releases_at_submit = 0
         self.failed_releases = 0
         self.waits_for_holder = 0
         self.anticipation_waits = 0
@@ -107,12 +124,67 @@ class Dispatcher:
             self.queue.push(ts.key, tenant, priority, now=time.monotonic())
             self.wake()
 
+    def admit(self, ts: TaskState, rec: Any, ctx: Callable[[], PlacementContext],
+              now: float) -> None:
+        """Place a new graph task now if nothing is held and a worker has a
+        free slot (see "Release at submission" above), else hold it.  Called
+        from ``update_graph``; ``ctx`` makes the placement context once per
+        submission message."""
+        request = rec.request
+        if not (self.release_at_submit and ts.state == "released" and not self.queue
+                and self.plugin.policy.pins and self._inputs_ready(ts)):
+            self.hold(ts, request.tenant, request.priority)
+            return
+        if self.places.stale:
+            self.places.rebuild()
+        room = self.places.room
+        view = self._choose(request, room, ctx(), now) if self.places.idle else None
+        if view is None or view.address not in room:
+            self.hold(ts, request.tenant, request.priority)
+            return
+        self.queue.returns.returned(request.tenant, now)
+        self._book_release(ts, rec, view, ctx(), now)
+        self.at_submit.add(ts.key)
+        self.releases_at_submit += 1
+
+    @staticmethod
+    def _inputs_ready(ts: TaskState) -> bool:
+        for dep in ts.dependencies:
+            if dep.state != "memory":
+                return False
+        return True
+
+    def _undo_at_submit(self, key: Any) -> None:
+        """A graph released at submission did not reach ``processing``:
+        its place, booking and charge go back (it is held from here on)."""
+        self.at_submit.discard(key)
+        worker = self.released.pop(key, None)
+        if worker is not None:
+            self.places.freed(worker)
+        self.queue.finished(key, None)
+        self.releases -= 1
+        self.releases_at_submit -= 1
+        rec = self.plugin.requests.get(key)
+        if rec is not None:
+            self.plugin._unbook(rec)
+        ts = self.scheduler.tasks.get(key)
+        if ts is not None:
+            _hold(ts)
+        self.wake()
+
     # -- hooks -----------------------------------------------------------------
     def transition(self, key: Any, start: str, finish: str, tenant: str | None,
                    priority: int, measured_s: Callable[[], float | None]) -> None:
         """Follow a graph task's state change (``tenant`` None: not a graph)."""
         if start == finish:
             return
+        if self.at_submit and key in self.at_submit:
+            if finish == "processing":
+                self.at_submit.discard(key)
+                return
+            if finish == "waiting":
+                return  # on its way to processing: keep its placement
+            self._undo_at_submit(key)
         if start == "processing":
             worker = self.released.pop(key, None)
             if worker is not None:
@@ -143,6 +215,7 @@ class Dispatcher:
         for key in [k for k, w in self.released.items() if w == address]:
             # Dask released them before this hook; this is a safety net.
             del self.released[key]
+            self.at_submit.discard(key)
             self.queue.finished(key, None)
         self.wake()
 
@@ -326,6 +399,23 @@ class Dispatcher:
             if actual is not None:
                 plugin._assign(ts, rec, actual, ctx, now)
             ts.worker_restrictions = None  # Dask's choice, not a pin
+        self._note_release(ts, rec, worker, now, pinned=view is not None)
+        return worker
+
+    def _book_release(self, ts: TaskState, rec: Any, view: WorkerView,
+                      ctx: PlacementContext, now: float) -> None:
+        """Pin ``ts`` to ``view`` before Dask's first transitions of it
+        (release at submission): Dask then sends it there itself."""
+        self.plugin._assign(ts, rec, view, ctx, now)
+        ts.priority = (-rec.request.priority, 0, next(self._seq))
+        self._note_release(ts, rec, view.address, now, pinned=True)
+
+    def _note_release(self, ts: TaskState, rec: Any, worker: str, now: float,
+                      pinned: bool) -> None:
+        """What every release books: the place, the fair-share charge, the
+        decision, the kept outputs' worker."""
+        plugin = self.plugin
+        request = rec.request
         self.released[ts.key] = worker
         self.places.took(worker, now)
         self.queue.started(ts.key, request.tenant, rec.estimate_s)
@@ -333,14 +423,14 @@ class Dispatcher:
         plugin.decisions.append({
             "key": ts.key, "tenant": request.tenant, "graph": request.graph,
             "worker": worker, "policy": plugin.policy.name,
-            "terms": dict(plugin.policy.last_terms) if view is not None else {}})
+            "terms": dict(plugin.policy.last_terms) if pinned else {}})
         # Kept outputs live on the device of the worker that ran the graph.
+        tasks = self.scheduler.tasks
         for sel in request.keep.values():
-            sts = s.tasks.get(sel)
+            sts = tasks.get(sel)
             if sts is not None and sts.state in ("released", "waiting"):
                 sts.worker_restrictions = {worker}
                 sts.loose_restrictions = False
-        return worker
 
     # -- upkeep ------------------------------------------------------------------
     def periodic(self) -> None:
@@ -380,6 +470,7 @@ class Dispatcher:
         state.update({"in_flight": dict(self.places.in_flight), "room": dict(self.places.room),
                       "prefetch": self.prefetch,
                       "releases": self.releases, "failed_releases": self.failed_releases,
+                      "releases_at_submit": self.releases_at_submit,
                       "waits_for_holder": self.waits_for_holder,
                       "anticipation_waits": self.anticipation_waits,
                       "anticipation_s": self.queue.anticipate_s})

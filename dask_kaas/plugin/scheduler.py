@@ -46,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 #: Graph runs kept for the dashboard's timeline.
 TIMELINE = 5000
+#: Default of ``kaas.worker-stream-interval`` (see _tune_stream).
+STREAM_INTERVAL = "1ms"
 
 
 class KaasSchedulerPlugin(HandlersMixin, SchedulerPlugin):
@@ -98,6 +100,8 @@ class KaasSchedulerPlugin(HandlersMixin, SchedulerPlugin):
         scheduler.handlers.update(self._handlers())
         scheduler.stream_handlers[UPDATE_OP] = self.handle_worker_update
         scheduler.extensions["kaas"] = self
+        for worker in list(scheduler.stream_comms):
+            self._tune_stream(worker)
         amm.install(scheduler, self.directory)
         dashboard.install(scheduler, self)
         await scheduler.register_worker_plugin(
@@ -175,6 +179,13 @@ class KaasSchedulerPlugin(HandlersMixin, SchedulerPlugin):
             return
         selects = []
         now = time.monotonic()
+        made: list[PlacementContext] = []
+
+        def ctx() -> PlacementContext:
+            if not made:
+                made.append(self._context(now))
+            return made[0]
+
         for key, meta in metas.items():
             ts = scheduler.tasks.get(key)
             if ts is not None and ts.annotations:
@@ -196,7 +207,7 @@ class KaasSchedulerPlugin(HandlersMixin, SchedulerPlugin):
                 continue
             if key in self.requests:
                 continue
-            self.book.admit(key, request, now)
+            rec = self.book.admit(key, request, now)
             if request.weight is not None:
                 try:
                     self.dispatch.queue.set_weight(request.tenant, request.weight)
@@ -204,7 +215,7 @@ class KaasSchedulerPlugin(HandlersMixin, SchedulerPlugin):
                     logger.warning("graph %r: %s; weight ignored", request.graph, e)
             if not ts.resource_restrictions:
                 ts.resource_restrictions = {self.resource: 1}
-            self.dispatch.hold(ts, request.tenant, request.priority)
+            self.dispatch.admit(ts, rec, ctx, now)
         for ts, request in selects:
             self._pin_select(ts, request.key)
 
@@ -326,7 +337,23 @@ class KaasSchedulerPlugin(HandlersMixin, SchedulerPlugin):
                     "error": bool(report.get("error"))})
 
     def add_worker(self, scheduler: Scheduler, worker: str) -> None:
+        self._tune_stream(worker)
         self.dispatch.worker_added(worker)
+
+    def _tune_stream(self, worker: str) -> None:
+        """Shorten the batching interval of the scheduler's stream to
+        ``worker`` (Dask's is 5 ms) to ``kaas.worker-stream-interval``.
+
+        A stream that sent anything in the last interval holds the next
+        message until it is over: a ``free-keys`` for the previous result
+        (its client let it go just before submitting the next request) held
+        the next ``compute-task`` for up to 5 ms, the largest stage of a
+        request's life after the client's own (see the latency profile)."""
+        s = self.scheduler
+        comm = s.stream_comms.get(worker) if s is not None else None
+        interval = parse_timedelta(config.get("worker-stream-interval", STREAM_INTERVAL))
+        if comm is not None and interval is not None and getattr(comm, "interval", 0) > interval:
+            comm.interval = interval
 
     def remove_worker(self, scheduler: Scheduler, worker: str, *,
                       stimulus_id: str | None = None, **kwargs: Any) -> None:
