@@ -72,18 +72,27 @@ class Gateway:
     def __init__(self, client: KaasClient, tenants_path: str | os.PathLike[str], *,
                  max_body_size: int = 64 << 20, request_timeout: float | None = None,
                  max_models: int = 64, max_const_bytes: int = 1 << 30,
-                 submit_threads: int = 4) -> None:
+                 submit_threads: int = 4, max_model_size: int = 512 << 20,
+                 max_batch_size: int = 64, max_graphs: int = 8) -> None:
         if request_timeout is None:  # above Dask's own timeouts: see gateway.timeouts
             request_timeout = default_request_timeout()
-        if max_body_size < 1 or not request_timeout > 0:
-            raise ValueError("max_body_size and request_timeout must be positive")
+        if max_body_size < 1 or not request_timeout > 0 or max_model_size < 1 \
+                or max_batch_size < 0 or max_graphs < 1:
+            raise ValueError("max_body_size, max_model_size, max_graphs and request_timeout "
+                             "must be positive, max_batch_size not negative")
         self.client = client
         self.tenants_path = os.fspath(tenants_path)
         self.tenants = TenantBook.load(self.tenants_path)
         self.max_body_size = int(max_body_size)
+        #: largest ONNX file a tenant may upload as a model
+        self.max_model_size = int(max_model_size)
+        #: default max_batch_size of an ONNX model with a symbolic batch dimension
+        self.max_batch_size = int(max_batch_size)
+        #: graphs (distinct input shapes) kept per ONNX model
+        self.max_graphs = int(max_graphs)
         #: bodies up to this size are read and dropped after a 413 so the caller
         #: gets its answer; larger ones are answered at once and the connection closed
-        self.drain_limit = 2 * self.max_body_size + (1 << 20)
+        self.drain_limit = 2 * max(self.max_body_size, self.max_model_size) + (1 << 20)
         self.request_timeout = float(request_timeout)
         self.registry = ModelRegistry(max_models, max_const_bytes)
         self.dispatcher = Dispatcher(client, submit_threads)

@@ -29,6 +29,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-const-bytes", default="1GiB", help="const bytes per tenant")
     p.add_argument("--submit-threads", type=int, default=4,
                    help="threads that submit graphs to the cluster")
+    p.add_argument("--max-model-size", default="512MiB",
+                   help="largest ONNX file a tenant may upload as a model (413 above)")
+    p.add_argument("--max-batch-size", type=int, default=64,
+                   help="default max_batch_size of an ONNX model whose first dimension "
+                        "is symbolic (a model's upload may set its own)")
+    p.add_argument("--max-graphs", type=int, default=8,
+                   help="graphs (distinct input shapes) kept per ONNX model, least "
+                        "recently used out")
 
 
 def ssl_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
@@ -57,10 +65,13 @@ def run(args: argparse.Namespace) -> int:
         timeout = (default_request_timeout() if args.request_timeout is None
                    else parse_timedelta(args.request_timeout, default="s"))
         max_const = parse_bytes(args.max_const_bytes)
+        max_model = parse_bytes(args.max_model_size)
         if not (math.isfinite(timeout) and timeout > 0) or max_body < 1 or max_const < 0 \
-                or args.max_models < 1 or args.submit_threads < 1:
-            raise ValueError("--request-timeout, --max-body-size, --max-models and "
-                             "--submit-threads must be positive")
+                or args.max_models < 1 or args.submit_threads < 1 or max_model < 1 \
+                or not 0 <= args.max_batch_size <= 1 << 16 or args.max_graphs < 1:
+            raise ValueError("--request-timeout, --max-body-size, --max-model-size, "
+                             "--max-models, --max-graphs and --submit-threads must be "
+                             "positive, --max-batch-size in 0..65536")
         TenantBook.load(args.tenants)  # refuse a bad file before connecting
     except (ValueError, OSError, TypeError, KeyError, KaasError) as e:
         print(f"dask-kaas gateway: {e}", file=sys.stderr)
@@ -76,7 +87,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         gateway = Gateway(client, args.tenants, max_body_size=max_body,
                           request_timeout=timeout, max_models=args.max_models,
-                          max_const_bytes=max_const, submit_threads=args.submit_threads)
+                          max_const_bytes=max_const, submit_threads=args.submit_threads,
+                          max_model_size=max_model, max_batch_size=args.max_batch_size,
+                          max_graphs=args.max_graphs)
     except (KaasError, ValueError) as e:
         client.close()
         print(f"dask-kaas gateway: {e}", file=sys.stderr)

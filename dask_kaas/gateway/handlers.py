@@ -136,21 +136,25 @@ class BodyHandler(BaseHandler):
             if int(length) > self.gw.drain_limit:
                 raise self._too_large(int(length))
 
+    def body_limit(self) -> int:
+        """The largest body this route keeps (model uploads take more)."""
+        return self.gw.max_body_size
+
     def data_received(self, chunk: bytes) -> None:
         self._size += len(chunk)
-        if self._size <= self.gw.max_body_size:
+        if self._size <= self.body_limit():
             self._chunks.append(chunk)
         else:
             self._chunks = []  # chunked and too large: keep counting, keep nothing
 
     def body(self) -> bytes:
-        if self._size > self.gw.max_body_size:
+        if self._size > self.body_limit():
             raise self._too_large(self._size)
         return b"".join(self._chunks)
 
     def _too_large(self, size: int) -> PayloadTooLargeError:
         return PayloadTooLargeError(f"body of {size} bytes is larger than this gateway's "
-                                    f"limit of {self.gw.max_body_size} bytes")
+                                    f"limit of {self.body_limit()} bytes")
 
     def on_connection_close(self) -> None:
         """The connection closed before the body was whole: the handler's

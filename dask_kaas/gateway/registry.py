@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -87,12 +88,38 @@ class ModelRegistry:
             raise BadRequestError(f"tenant has {len(own)} models, the most this gateway "
                                   "keeps per tenant; delete one first")
         created = name not in own
+        old = own.get(name)
         own[name] = Model(tenant, name, graph)
+        if old is not None and getattr(old, "batcher", None) is not None:
+            old.batcher.close()
+        return created
+
+    def put_served(self, tenant: str, name: str, model: Any) -> bool:
+        """Register (or replace) a model that brings its own consts (an ONNX
+        model: :class:`~dask_kaas.gateway.onnx_models.OnnxServed`), counted
+        against the tenant's const bytes like uploaded consts; True if new."""
+        check_name(name)
+        own = self._models.setdefault(tenant, {})
+        if name not in own and len(own) >= self.max_models:
+            raise BadRequestError(f"tenant has {len(own)} models, the most this gateway "
+                                  "keeps per tenant; delete one first")
+        used = sum(m.const_bytes for n, m in own.items() if n != name)
+        if used + model.const_bytes > self.max_const_bytes:
+            raise PayloadTooLargeError(
+                f"the tenant's consts would take {used + model.const_bytes} bytes, more "
+                f"than the {self.max_const_bytes} this gateway keeps per tenant")
+        created = name not in own
+        old = own.get(name)
+        own[name] = model
+        if old is not None and getattr(old, "batcher", None) is not None:
+            old.batcher.close()
         return created
 
     def delete(self, tenant: str, name: str) -> None:
-        self.get(tenant, name)
+        model = self.get(tenant, name)
         del self._models[tenant][name]
+        if getattr(model, "batcher", None) is not None:
+            model.batcher.close()
 
     def list(self, tenant: str) -> list[Model]:
         return [self._models[tenant][n] for n in sorted(self._models.get(tenant, {}))]
@@ -126,5 +153,7 @@ class ModelRegistry:
         keep = set(tenants)
         gone = [t for t in self._models if t not in keep]
         for t in gone:
-            del self._models[t]
+            for model in self._models.pop(t).values():
+                if getattr(model, "batcher", None) is not None:
+                    model.batcher.close()
         return gone
