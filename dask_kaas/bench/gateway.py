@@ -75,6 +75,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=count_arg(1, 65_536), default=512)
     p.add_argument("--hidden", type=count_arg(1, 65_536), default=4096)
     p.add_argument("--json", default=None, help="write the figures here")
+    p.add_argument("--model", default=None,
+                   help="serve an ONNX model instead of the MLP graph and compare dynamic "
+                        "batching off and on: mlp, bert, a light model zoo name (resnet50, "
+                        "...) or a path to a .onnx file (see dask_kaas.bench.gateway_onnx)")
+    p.add_argument("--max-batch-size", type=count_arg(1, 1024), default=16,
+                   help="--model: the batched model's max_batch_size")
+    p.add_argument("--max-queue-delay-us", type=count_arg(0, 10_000_000), default=2000,
+                   help="--model: the batched model's max_queue_delay")
+    p.add_argument("--instances", type=count_arg(1, 64), default=2,
+                   help="--model: batched runs of the model in flight at once")
 
 
 def _start_gateway(scheduler: str, tenants_file: str) -> tuple[subprocess.Popen, str]:
@@ -130,6 +140,10 @@ def _infer(client: Any, x: np.ndarray, token: str) -> np.ndarray:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "model", None):
+        from .gateway_onnx import run as run_onnx
+
+        return run_onnx(args)
     import tritonclient.http as th
 
     from ..client import KaasClient
