@@ -266,7 +266,8 @@ def _timeline(key: str, client_t: dict[str, float], sched: dict[str, Any],
     for w in workers:
         wlog = w["log"].get(key)
         if wlog:
-            t["worker_recv"] = w["stamps"].get("compute-task", {}).get(key) or _first(wlog, "waiting")
+            recv = w["stamps"].get("compute-task", {}).get(key)
+            t["worker_recv"] = recv if recv is not None else _first(wlog, "waiting")
             t["executing"] = _first(wlog, "executing")
             t["executed"] = _first(wlog, "memory", "executing")
     return t
@@ -306,11 +307,14 @@ def _traced(client: Any, submit: Callable[[], Any], n: int, get: Callable[[Any],
         vals = [v for v in (_ms(ln.get(a), ln.get(b)) for ln in lines) if v is not None]
         stages[name] = statistics.median(vals) if vals else None
     total = statistics.median([(ln["done"] - ln["call"]) * 1000 for ln in lines])
-    cpu = {"client (process)": client_proc_cpu / n * 1000,
-           "client: submit call (thread)": client_cpu["submit"] / n * 1000,
-           "client: result() (thread)": client_cpu["result"] / n * 1000,
-           "scheduler (process)": sched["cpu"] / n * 1000,
-           "workers (processes)": sum(w["cpu"] for w in workers) / n * 1000}
+    if _shared_process(client):  # LocalCluster: the scheduler runs in this process
+        cpu = {"client + scheduler (one process)": client_proc_cpu / n * 1000}
+    else:
+        cpu = {"client (process)": client_proc_cpu / n * 1000,
+               "scheduler (process)": sched["cpu"] / n * 1000}
+    cpu.update({"client: submit call (thread)": client_cpu["submit"] / n * 1000,
+                "client: result() (thread)": client_cpu["result"] / n * 1000,
+                "workers (processes)": sum(w["cpu"] for w in workers) / n * 1000})
     handlers: dict[str, dict[str, float]] = {}
     for where, accs in (("scheduler", [sched["acc"]]), ("worker", [w["acc"] for w in workers])):
         for acc in accs:
@@ -322,6 +326,12 @@ def _traced(client: Any, submit: Callable[[], Any], n: int, get: Callable[[Any],
                 h["cpu_ms"] += c_s / n * 1000
     return {"n": n, "total_p50_ms": total, "stages_p50_ms": stages, "cpu_ms": cpu,
             "handlers": handlers, "wall_s": wall}
+
+
+def _shared_process(client: Any) -> bool:
+    import os
+
+    return client.run_on_scheduler(os.getpid) == os.getpid()
 
 
 # -- the run -------------------------------------------------------------------------
@@ -373,7 +383,21 @@ def _out(result: Any) -> np.ndarray:
 def measure_batch(client: Any, batch: int, weights_mib: float = 8.0, rounds: int = 6,
                   per_window: int = 15, traced: int = 40) -> dict[str, Any]:
     """Alternating windows of the three paths (medians and ratios), then
-    ``traced`` requests of each cluster path with the probes in place."""
+    ``traced`` requests of each cluster path with the probes in place.
+
+    The in-process path runs on one BLAS thread, like a worker (Dask's
+    nanny starts them with ``OMP_NUM_THREADS=1``): on a loaded machine a
+    multi-threaded BLAS here waits for its threads, 100x slower at batch 1."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # the direct path then uses the process's BLAS threads
+        return _measure_batch(client, batch, weights_mib, rounds, per_window, traced)
+    with threadpool_limits(1):
+        return _measure_batch(client, batch, weights_mib, rounds, per_window, traced)
+
+
+def _measure_batch(client: Any, batch: int, weights_mib: float, rounds: int,
+                   per_window: int, traced: int) -> dict[str, Any]:
     from .workloads import mlp_host, run_host
 
     paths, (wl, tenant, xs, ref, weights) = _paths(client, batch, weights_mib)
@@ -415,18 +439,129 @@ def measure_batch(client: Any, batch: int, weights_mib: float = 8.0, rounds: int
 
 def run_profile(batches: tuple[int, ...] = (1, 32), workers: int = 2, weights_mib: float = 8.0,
                 rounds: int = 6, per_window: int = 15, traced: int = 40,
-                client: Any = None) -> dict[str, Any]:
+                client: Any = None, ab_rounds: int = 4) -> dict[str, Any]:
     """The whole scenario (on ``client``'s cluster, or a fresh local one
     with ``workers`` CPU-backend workers of one BLAS thread each)."""
     if client is not None:
-        return {"batches": [measure_batch(client, b, weights_mib, rounds, per_window, traced)
-                            for b in batches]}
+        doc: dict[str, Any] = {"batches": [], "ab": []}
+        for b in batches:
+            doc["batches"].append(measure_batch(client, b, weights_mib, rounds, per_window,
+                                                traced))
+            if ab_rounds:
+                doc["ab"].append(ab(client, b, rounds=ab_rounds, per_window=per_window,
+                                    weights_mib=weights_mib))
+        return doc
     from ..client import KaasClient
     from ..cluster import LocalKaasCluster
 
     with LocalKaasCluster(workers, dashboard_address=None) as cluster, \
             KaasClient(cluster) as c:
-        return run_profile(batches, workers, weights_mib, rounds, per_window, traced, c)
+        return run_profile(batches, workers, weights_mib, rounds, per_window, traced, c,
+                           ab_rounds)
+
+
+# -- A/B of the control-plane settings ------------------------------------------------
+#: name -> (client stream ms, scheduler->worker stream ms, release at
+#: submission, worker->scheduler stream ms or None to leave it).  "dask" is
+#: how the code ran before these settings: Dask's own intervals, every graph
+#: held and released by a pass.
+VARIANTS: dict[str, tuple[float, float, bool, float | None]] = {
+    "dask": (10.0, 5.0, False, None),
+    "client-interval": (1.0, 5.0, False, None),
+    "+worker-interval": (1.0, 1.0, False, None),
+    "+at-submit": (1.0, 1.0, True, None),
+    # Not in the code: the workers' own stream to the scheduler at 1 ms (the
+    # KaaS report sent just before Dask's task-finished holds it for 2 ms).
+    "+worker-report-1ms": (1.0, 1.0, True, 1.0),
+}
+
+
+def _sched_settings(dask_scheduler: Any, worker_ms: float, at_submit: bool) -> float:
+    for comm in dask_scheduler.stream_comms.values():
+        comm.interval = worker_ms / 1000
+    dask_scheduler.extensions["kaas"].dispatch.release_at_submit = at_submit
+    return time.process_time()
+
+
+def _worker_settings(dask_worker: Any, ms: float | None) -> float:
+    if ms is not None:
+        dask_worker.batched_stream.interval = ms / 1000
+    return time.process_time()
+
+
+def _apply(client: Any, variant: tuple[float, float, bool, float | None]) -> None:
+    client_ms, worker_ms, at_submit, report_ms = variant
+    comm = client.scheduler_comm
+    comm.interval = client_ms / 1000
+    client._kaas_state._tuned = comm  # tune_stream leaves this setting alone
+    client.run_on_scheduler(_sched_settings, worker_ms=worker_ms, at_submit=at_submit)
+    client.run(_worker_settings, ms=report_ms if report_ms is not None else 2.0)
+
+
+def _cpu(client: Any, shared: bool) -> tuple[float, float, float]:
+    """CPU seconds so far of this process, the scheduler's (0 when it is
+    this process) and the workers'."""
+    sched = 0.0 if shared else client.run_on_scheduler(lambda: time.process_time())
+    workers = sum(client.run(lambda: time.process_time()).values())
+    return time.process_time(), sched, workers
+
+
+def ab(client: Any, batch: int, variants: dict[str, tuple[float, float, bool, float | None]]
+       | None = None, rounds: int = 6, per_window: int = 15, weights_mib: float = 8.0
+       ) -> dict[str, Any]:
+    """Each variant's kaas and plain p50 and CPU per request per process,
+    variants in alternating windows of one run (settings switched live)."""
+    variants = variants or VARIANTS
+    paths, _ = _paths(client, batch, weights_mib)
+    shared = _shared_process(client)
+    for _ in range(3):
+        paths["kaas"]().result()
+        paths["plain"]().result()
+    lat: dict[str, dict[str, list[float]]] = {v: {"kaas": [], "plain": []} for v in variants}
+    cpu: dict[str, dict[str, list[float]]] = {
+        v: {p: [0.0, 0.0, 0.0] for p in ("kaas", "plain")} for v in variants}
+    try:
+        for r in range(rounds):
+            names = list(variants) if r % 2 == 0 else list(reversed(variants))
+            for v in names:
+                _apply(client, variants[v])
+                for p in ("kaas", "plain") if r % 2 == 0 else ("plain", "kaas"):
+                    c0 = _cpu(client, shared)
+                    for _ in range(per_window):
+                        t0 = time.perf_counter()
+                        _out(paths[p]().result())
+                        lat[v][p].append(time.perf_counter() - t0)
+                    c1 = _cpu(client, shared)
+                    for i in range(3):
+                        cpu[v][p][i] += c1[i] - c0[i]
+    finally:
+        _apply(client, VARIANTS["+at-submit"])
+    out: dict[str, Any] = {"batch": batch, "per_variant": rounds * per_window,
+                           "scheduler_in_client_process": shared, "variants": {}}
+    for v in variants:
+        k, pl = (statistics.median(lat[v][p]) * 1000 for p in ("kaas", "plain"))
+        n = len(lat[v]["kaas"])
+        out["variants"][v] = {
+            "kaas_p50_ms": k, "plain_p50_ms": pl, "kaas_over_plain": k / pl,
+            "cpu_ms": {p: {"client": c[0] / n * 1000, "scheduler": c[1] / n * 1000,
+                           "workers": c[2] / n * 1000, "all": sum(c) / n * 1000}
+                       for p, c in cpu[v].items()}}
+    return out
+
+
+def format_ab(doc: dict[str, Any]) -> str:
+    lines = [f"\nbatch {doc['batch']}: {doc['per_variant']} requests per variant and path, "
+             "alternating windows"]
+    who = "client&sched" if doc.get("scheduler_in_client_process") else "client+sched"
+    lines.append(f"  {'variant':<20}{'kaas p50':>10}{'plain p50':>11}{'kaas/plain':>12}"
+                 f"{'kaas CPU ms/req (' + who + '+workers)':>40}{'plain CPU':>11}")
+    for v, d in doc["variants"].items():
+        c = d["cpu_ms"]["kaas"]
+        lines.append(f"  {v:<20}{d['kaas_p50_ms']:>10.2f}{d['plain_p50_ms']:>11.2f}"
+                     f"{d['kaas_over_plain']:>11.3f}x"
+                     f"{c['all']:>12.2f} ({c['client']:.2f}+{c['scheduler']:.2f}+"
+                     f"{c['workers']:.2f}){d['cpu_ms']['plain']['all']:>11.2f}")
+    return "\n".join(lines)
 
 
 def format_profile(doc: dict[str, Any]) -> str:
@@ -481,6 +616,8 @@ def run_scenario(args: Any) -> int:
                       weights_mib=args.weights_mib,
                       rounds=6, per_window=max(5, requests // 2), traced=max(10, requests))
     print(format_profile(doc))
+    for d in doc.get("ab", ()):
+        print(format_ab(d))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(doc, fh, indent=1)
@@ -488,4 +625,5 @@ def run_scenario(args: Any) -> int:
     return 0
 
 
-__all__ = ["run_profile", "measure_batch", "format_profile", "run_scenario", "STAGES"]
+__all__ = ["run_profile", "measure_batch", "format_profile", "run_scenario", "STAGES",
+           "ab", "format_ab", "VARIANTS"]
