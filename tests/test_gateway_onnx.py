@@ -258,6 +258,15 @@ def test_hostile_uploads_are_4xx(gw):
     bad_name = MLP.replace(b"\x12\x01x", b"\x12\x01\xff").replace(b"\n\x01x", b"\n\x01\xff")
     status, doc = upload(gw, "hostile", bad_name)
     assert status < 500, doc
+    # a model declaring an input of 2**40 x 16 floats: no request can fit it
+    huge = models.mlp(batch=2**40)
+    status, doc = upload(gw, "hugedims", huge)
+    assert status in (201, 400), doc
+    if status == 201:
+        body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32",
+                                       "shape": [2**40, 16], "data": [0.0]}]}).encode()
+        status, _, _ = gw.request("POST", "/v2/models/hugedims/infer", body, TOKENS["alice"])
+        assert status == 400
     # an ONNX model cannot take per-const uploads
     status, _, _ = gw.request("PUT", "/v1/models/mlp/consts/w1", b"\0" * 16,
                               TOKENS["alice"])

@@ -69,8 +69,8 @@ class TensorSpec:
     dtype: np.dtype
 
     def metadata(self) -> dict[str, Any]:
-        return {"name": self.name, "datatype": kserve_datatype(self.dtype),
-                "shape": [-1 if d is None else d for d in self.dims]}
+        shape = [-1 if d is None else d for d in self.dims] if self.dims else [-1]
+        return {"name": self.name, "datatype": kserve_datatype(self.dtype), "shape": shape}
 
 
 @dataclass
@@ -147,13 +147,17 @@ def parse_batching(query: Mapping[str, str], batch_dim: bool,
 
 
 def _spec(vi: Any, where: str) -> TensorSpec:
+    """An input needs its rank; an output without a declared shape is shown
+    as ``[-1]`` (its real shape comes with each answer) and cannot batch."""
     from ..onnx.load import dtype_of
 
     tt = vi.type.tensor_type
     dims = list(tt.shape.dim) if tt.HasField("shape") else None
     if dims is None:
-        raise BadRequestError(f"{where} {vi.name[:80]!r} has no declared shape; the gateway "
-                              "needs every input's rank")
+        if where == "graph input":
+            raise BadRequestError(f"{where} {vi.name[:80]!r} has no declared shape; the "
+                                  "gateway needs every input's rank")
+        dims = []
     try:
         dtype = dtype_of(tt.elem_type, f"{where} {vi.name[:80]!r}")
     except KaasError as e:
