@@ -197,3 +197,15 @@ def test_onnx_is_recognised_by_type_or_first_byte():
     assert not looks_like_onnx(b"\x08\x07", "application/json")
     assert not looks_like_onnx(b'{"name": "g"}', None)
     assert not looks_like_onnx(b"", None)
+
+
+def test_requests_of_other_non_batch_shapes_are_not_stacked_together():
+    async def main():
+        run = Runner()
+        b = Batcher(cfg(max_batch_size=16, max_queue_delay_s=0.05), run)
+        xs = [np.full((1, 2 + i % 2), float(i), np.float32) for i in range(6)]
+        outs = await asyncio.gather(*(b.submit({"x": x}) for x in xs))
+        for x, out in zip(xs, outs):
+            np.testing.assert_array_equal(out["y"], 2 * x + 1)
+        assert sorted(run.calls) == [3, 3]  # one run per sequence length
+    asyncio.run(main())

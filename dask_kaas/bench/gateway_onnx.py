@@ -212,9 +212,12 @@ def run(args: Any) -> int:
             result["load"] = {}
             for name in ("off", "on"):
                 result["load"][name] = _load(args, th, address, name, sess, model, outputs)
-            batching = _listing(address)["on"]["batching"]
+            listing = _listing(address)
+            batching = listing["on"]["batching"]
             result["load"]["on"]["batch_rows"] = batching["batch_rows"]
             result["load"]["on"]["batch_requests"] = batching["batch_requests"]
+            for name in ("off", "on"):
+                result["load"][name]["imports"] = listing[name]["imports"]
             off, on = result["load"]["off"], result["load"]["on"]
             result["speedup"] = on["throughput_per_s"] / max(off["throughput_per_s"], 1e-9)
         finally:
@@ -314,4 +317,4 @@ def _print(r: dict[str, Any]) -> None:
               f"{load['throughput_per_s']:.1f} req/s, p50 {load['p50_ms']:.1f} ms, p99 "
               f"{load['p99_ms']:.1f} ms, wrong {load['wrong']}, errors {load['errors']}")
     print(f"batching speedup {r['speedup']:.2f}x; batches formed (rows: runs) "
-          f"{r['load']['on']['batch_rows']}")
+          f"{r['load']['on']['batch_rows']}; graphs imported {r['load']['on']['imports']}")

@@ -48,6 +48,12 @@ class _Waiting:
     rows: int
     future: asyncio.Future
     arrival: float
+    #: what must agree to stack: every input's dtype and non-batch dimensions
+    kind: tuple
+
+
+def _kind(inputs: Mapping[str, np.ndarray]) -> tuple:
+    return tuple((n, a.dtype.str, a.shape[1:]) for n, a in sorted(inputs.items()))
 
 
 class Batcher:
@@ -77,7 +83,7 @@ class Batcher:
         """Queue one request (its first dimension is its rows); its outputs."""
         loop = asyncio.get_running_loop()
         rows = int(next(iter(inputs.values())).shape[0])
-        item = _Waiting(inputs, rows, loop.create_future(), loop.time())
+        item = _Waiting(inputs, rows, loop.create_future(), loop.time(), _kind(inputs))
         self._queue.append(item)
         self._wake.set()
         if self._former is None or self._former.done():
@@ -112,21 +118,35 @@ class Batcher:
                     await asyncio.wait_for(self._wake.wait(), left)
                 except asyncio.TimeoutError:
                     break
-            batch: list[_Waiting] = []
-            rows = 0
-            while self._queue and (not batch or
-                                   rows + self._queue[0].rows <= self.config.max_batch_size):
-                item = self._queue.popleft()
-                if item.future.done():  # its caller went away
-                    continue
-                batch.append(item)
-                rows += item.rows
+            batch = self._take()
             if not batch:
                 continue
             self.running += 1
             task = asyncio.ensure_future(self._execute(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _take(self) -> list[_Waiting]:
+        """The next batch: the oldest request and, in arrival order, the
+        others of the same kind (non-batch shapes: a model with another
+        symbolic dimension is only stacked at equal sizes) that fit."""
+        while self._queue and self._queue[0].future.done():  # callers gone
+            self._queue.popleft()
+        if not self._queue:
+            return []
+        first = self._queue.popleft()
+        batch, rows, keep = [first], first.rows, deque()
+        while self._queue:
+            item = self._queue.popleft()
+            if item.future.done():
+                continue
+            if item.kind == first.kind and rows + item.rows <= self.config.max_batch_size:
+                batch.append(item)
+                rows += item.rows
+            else:
+                keep.append(item)
+        self._queue = keep
+        return batch
 
     async def _execute(self, batch: list[_Waiting]) -> None:
         try:
@@ -137,8 +157,9 @@ class Batcher:
                 await self._alone(batch[0])
                 return
             names = list(batch[0].inputs)
-            stacked = {n: np.concatenate([w.inputs[n] for w in batch], axis=0) for n in names}
             try:
+                stacked = {n: np.concatenate([w.inputs[n] for w in batch], axis=0)
+                           for n in names}
                 out = await self._run(stacked)
                 parts = self._split(out, batch, rows)
             except GatewayError as e:  # timeout: this batch's requests only
@@ -155,6 +176,11 @@ class Batcher:
             for w, part in zip(batch, parts):
                 if not w.future.done():
                     w.future.set_result(part)
+        except BaseException as e:  # noqa: BLE001 - never leave a caller waiting
+            self._fail(batch, e if isinstance(e, Exception) else
+                       GatewayError("the batched run was cancelled"))
+            if not isinstance(e, Exception):
+                raise
         finally:
             self.running -= 1
             self._wake.set()

@@ -44,6 +44,8 @@ ONNX_CONTENT_TYPES = ("application/onnx", "application/x-onnx", "application/oct
 MAX_FREE_DIM = 1 << 16
 #: Distinct input shapes (graphs) a model keeps by default.
 MAX_GRAPHS = 8
+#: Most graphs a batched model keeps (one per batch size the batcher forms).
+MAX_BATCHED_GRAPHS = 128
 
 
 def looks_like_onnx(body: bytes, content_type: str | None) -> bool:
@@ -383,6 +385,8 @@ def load_onnx(body: bytes, tenant: str, name: str, query: Mapping[str, str],
     config = parse_batching(query, batch_dim, default_max_batch)
     for a in inits.values():
         a.setflags(write=False)
+    if config.dynamic:  # every batch size may be formed: keep a graph for each
+        max_graphs = max(max_graphs, min(config.max_batch_size + 1, MAX_BATCHED_GRAPHS))
     served = OnnxServed(tenant, name, proto, inputs, outputs, inits, config, max_graphs)
     # the shapes of a first request: batch 1, other open dimensions 1
     first: dict[str, tuple[int, ...]] = {}
