@@ -215,7 +215,8 @@ def test_batching_config_is_checked(gw):
     assert status == 400 and "symbolic first dimension" in doc["error"]
     for query in ("?max_batch_size=-1", "?max_batch_size=abc", "?dynamic_batching=maybe",
                   "?preferred_batch_size=64", "?instances=0", "?colour=red",
-                  "?max_queue_delay_us=1e9"):
+                  "?max_queue_delay_us=1e9", "?max_batch_size=%ff", "?%ff%fe=1",
+                  "?max_batch_size=4&max_batch_size=5"):
         status, doc = upload(gw, "cfg", MLP, query=query)
         assert status == 400, (query, doc)
     # a fixed-shape model serves its one shape

@@ -69,6 +69,9 @@ class ModelHandler(BodyHandler):
                 raise PayloadTooLargeError(f"model of {len(body)} bytes is larger than this "
                                            f"gateway's --max-model-size of "
                                            f"{self.gw.max_model_size} bytes")
+            repeated = [k for k, v in self.request.query_arguments.items() if len(v) > 1]
+            if repeated:
+                raise BadRequestError(f"query parameter {repeated[0][:40]!r} given twice")
             query = {k: self.get_query_argument(k) for k in self.request.query_arguments}
             tenant = self.principal.name
             served = await self.gw.dispatcher.call(
