@@ -9,7 +9,10 @@ by default, so the whole system can be used and tested anywhere.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import copy
+import logging
 import os
 from typing import Any
 
@@ -20,6 +23,14 @@ from .device.backend import gpu_count, resolve_backend_name
 from .graph.errors import KaasError
 from .plugin.scheduler import KaasSchedulerPlugin
 from .plugin.worker import KaasWorkerPlugin
+
+logger = logging.getLogger(__name__)
+
+#: How often the cluster checks that every worker it should have is there.
+WATCH_INTERVAL_S = 1.0
+#: Nanny states after which it will not bring its worker back by itself
+#: ("init" for a Nanny in ``workers``: its start was awaited and failed).
+_DEAD_NANNY_STATES = ("closed", "closing", "failed", "init")
 
 
 def visible_devices() -> list[str]:
@@ -159,6 +170,67 @@ class LocalKaasCluster(LocalCluster):
         # here, before SpecCluster launches any of them.
         self.worker_spec = self._assign_devices(self.worker_spec)
         await super()._start()
+        self._watch_task: asyncio.Task | None = asyncio.ensure_future(self._watch_workers())
+
+    async def _close(self) -> None:
+        task = getattr(self, "_watch_task", None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            self._watch_task = None
+        # A Nanny whose start failed (killed while starting) stays in "init";
+        # SpecCluster's close asserts every Nanny it created is closed.
+        for nanny in list(getattr(self, "_created", ())):
+            if getattr(nanny, "status", None) is not None and nanny.status.name == "init":
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(nanny.close(), 10)
+                if nanny.status.name == "init":
+                    nanny.status = type(nanny.status).failed
+        await super()._close()
+
+    async def _watch_workers(self) -> None:
+        """Keep every worker of the spec alive, for as long as the cluster runs.
+
+        A Nanny restarts its worker process when it dies, but Dask's
+        SpecCluster gives up on a name in two ways: a worker not back within
+        ``distributed.deploy.lost-worker-timeout`` has its Nanny closed and
+        dropped, and a Nanny whose new process dies while starting (a kill
+        during start-up) closes itself.  Neither is ever replaced, so a pool
+        under repeated kills shrinks to nothing.  Here any name of the spec
+        that had a worker once and has no live Nanny now gets a new one (a
+        name never seen yet is SpecCluster's own start or scale-up).
+        """
+        self._kaas_seen: set[Any] = set()
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            if self.status.name not in ("running", "created"):
+                continue
+            try:
+                await self._revive_workers()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a start that failed: next round tries again
+                logger.warning("dask_kaas: restarting a lost worker failed (%s: %s); "
+                               "trying again", type(e).__name__, e)
+
+    async def _revive_workers(self) -> None:
+        self._kaas_seen.update(self.workers)
+        self._kaas_seen &= set(self.worker_spec)  # scaled down: not ours to revive
+        dead = [name for name, w in list(self.workers.items())
+                if name in self.worker_spec
+                and getattr(getattr(w, "status", None), "name", "running") in _DEAD_NANNY_STATES]
+        for name in dead:
+            nanny = self.workers.pop(name, None)
+            if nanny is not None:
+                with contextlib.suppress(Exception):
+                    await nanny.close()
+        missing = (set(self.worker_spec) & self._kaas_seen) - set(self.workers)
+        if missing:
+            logger.warning("dask_kaas: starting worker(s) %s again (lost under faults)",
+                           sorted(map(str, missing)))
+            self.worker_spec = self._assign_devices(self.worker_spec)
+            await self._correct_state()
 
     def _assign_devices(self, specs: dict[Any, Any]) -> dict[Any, Any]:
         if not self.devices or not self.processes:

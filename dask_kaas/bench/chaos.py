@@ -24,6 +24,7 @@ import numpy as np
 from distributed import as_completed
 from tqdm import tqdm
 
+from .chaos_jobs import JobMaker, Submitted
 from .workloads import Tenant, Workload
 
 
@@ -37,6 +38,15 @@ class ChaosSpec:
     grace: float = 120.0  # how long unfinished requests may take after the run
     request_pool: int = 16
     seed: int = 0
+    #: Every n-th job of a tenant is a kept-output chain (two graphs, the
+    #: second consuming the first's ``keep_on_device`` output); 0: never.
+    chain_every: int = 3
+    #: Every n-th job of a tenant brings consts the cluster has never seen; 0: never.
+    fresh_every: int = 7
+    #: Workers the cluster should have; after the run it is given
+    #: ``recover_s`` to have them all back, and the count is reported.
+    expected_workers: int | None = None
+    recover_s: float = 60.0
 
 
 @dataclass
@@ -49,11 +59,22 @@ class ChaosResult:
     kill_all: int = 0
     errors: Counter = field(default_factory=Counter)
     duration_s: float = 0.0
+    #: Per job kind ("plain", "chain", "fresh"): submitted/done/lost/wrong.
+    kinds: dict[str, Counter] = field(default_factory=dict)
+    workers_end: int | None = None
+    workers_expected: int | None = None
+    workers_min: int | None = None
+
+    def count(self, kind: str, what: str) -> None:
+        self.kinds.setdefault(kind, Counter())[what] += 1
 
     def summary(self) -> dict[str, Any]:
         return {"submitted": self.submitted, "done": self.done, "lost": self.lost,
                 "wrong": self.wrong, "worker_kills": self.kills,
                 "all_workers_killed": self.kill_all, "errors": dict(self.errors),
+                "by_kind": {k: dict(v) for k, v in sorted(self.kinds.items())},
+                "workers_end": self.workers_end, "workers_expected": self.workers_expected,
+                "workers_min_seen": self.workers_min,
                 "duration_s": round(self.duration_s, 1),
                 "throughput_rps": self.done / self.duration_s if self.duration_s else 0.0}
 
@@ -77,14 +98,43 @@ def _kill(client: Any, every_worker: bool, rng: random.Random) -> int:
     return len(victims)
 
 
+def _worker_count(client: Any) -> int | None:
+    try:
+        return len(client.scheduler_info(n_workers=-1)["workers"])
+    except TypeError:  # an older scheduler_info without n_workers
+        return len(client.scheduler_info()["workers"])
+    except Exception:  # noqa: BLE001 - the scheduler is busy: no sample this time
+        return None
+
+
+def _job_kind(n: int, spec: ChaosSpec) -> str:
+    """The kind of a tenant's n-th job (1-based): chains and fresh consts
+    interleaved with the workload's plain requests."""
+    if spec.chain_every and n % spec.chain_every == 0:
+        return "chain"
+    if spec.fresh_every and n % spec.fresh_every == 0:
+        return "fresh"
+    return "plain"
+
+
+def wait_for_workers_back(client: Any, expected: int, within: float) -> int | None:
+    """Poll until ``expected`` workers are connected or ``within`` seconds
+    pass; the last count seen."""
+    deadline = time.monotonic() + within
+    n = _worker_count(client)
+    while (n is None or n < expected) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        n = _worker_count(client)
+    return n
+
+
 def run_chaos(client: Any, workload: Workload, tenants: list[Tenant], spec: ChaosSpec,
               progress: bool = True) -> ChaosResult:
     """Drive the load and the killing; every request is accounted for."""
     rng = np.random.default_rng(spec.seed)
     requests = [workload.make_request(rng) for _ in range(spec.request_pool)]
-    expected = {(t.name, i): workload.reference(t, r)
-                for t in tenants for i, r in enumerate(requests)}
-    result = ChaosResult()
+    jobs = JobMaker(workload, requests, spec.seed)
+    result = ChaosResult(workers_expected=spec.expected_workers)
     stop = threading.Event()
     kill_rng = random.Random(spec.seed)
     t0 = time.monotonic()
@@ -92,8 +142,14 @@ def run_chaos(client: Any, workload: Workload, tenants: list[Tenant], spec: Chao
     def killer() -> None:
         killed_all = spec.kill_all_at is None
         next_kill = t0 + spec.kill_every
+        next_sample = t0
         while not stop.wait(0.05):
             now = time.monotonic()
+            if now >= next_sample:
+                n = _worker_count(client)
+                if n is not None and (result.workers_min is None or n < result.workers_min):
+                    result.workers_min = n
+                next_sample = now + 0.5
             if not killed_all and now - t0 >= spec.kill_all_at:  # type: ignore[operator]
                 result.kill_all += 1 if _kill(client, True, kill_rng) else 0
                 killed_all = True
@@ -102,30 +158,31 @@ def run_chaos(client: Any, workload: Workload, tenants: list[Tenant], spec: Chao
                 result.kills += _kill(client, False, kill_rng)
                 next_kill = now + spec.kill_every
 
-    owner: dict[str, tuple[str, int]] = {}
+    owner: dict[str, tuple[str, Submitted]] = {}
     pending = as_completed()
-    counter = 0
+    jobs_of: Counter = Counter()
 
     def submit(tenant: Tenant) -> None:
-        """Submit the tenant's next request; a submission that raises is a
-        lost request too, and the tenant tries again until the run ends."""
-        nonlocal counter
+        """Submit the tenant's next job; a submission that raises is a lost
+        request too, and the tenant tries again until the run ends."""
         while True:
-            i = counter % spec.request_pool
-            counter += 1
+            jobs_of[tenant.name] += 1
+            n = jobs_of[tenant.name]
+            kind = _job_kind(n, spec)
             result.submitted += 1
+            result.count(kind, "submitted")
             try:
-                fut = client.submit_kernel_graph(
-                    workload.graph, {**tenant.consts, **requests[i]}, tenant=tenant.name)
+                job = jobs.submit(client, kind, tenant, n)
             except Exception as e:  # noqa: BLE001 - counted, then tried again
                 result.lost += 1
-                result.errors[f"submit: {type(e).__name__}"] += 1
+                result.count(kind, "lost")
+                result.errors[f"submit {kind}: {type(e).__name__}: {str(e)[:120]}"] += 1
                 if time.monotonic() >= t0 + spec.duration:
                     return
                 time.sleep(0.1)
                 continue
-            owner[fut.key] = (tenant.name, i)
-            pending.add(fut)
+            owner[job.future.key] = (tenant.name, job)
+            pending.add(job.future)
             return
 
     by_name = {t.name: t for t in tenants}
@@ -144,17 +201,20 @@ def run_chaos(client: Any, workload: Workload, tenants: list[Tenant], spec: Chao
                 fut = next(pending)
             except StopIteration:
                 break
-            name, i = owner.pop(fut.key)
+            name, job = owner.pop(fut.key)
             try:
-                out = fut.result(timeout=spec.grace)[workload.output]
+                out = fut.result(timeout=spec.grace)[job.output]
             except Exception as e:  # noqa: BLE001 - any failure is a lost request
                 result.lost += 1
-                result.errors[type(e).__name__] += 1
+                result.count(job.kind, "lost")
+                result.errors[f"{job.kind}: {type(e).__name__}: {str(e)[:160]}"] += 1
             else:
-                if np.allclose(out, expected[(name, i)], rtol=1e-4, atol=1e-4):
+                if np.allclose(out, job.expected, rtol=1e-4, atol=1e-4):
                     result.done += 1
+                    result.count(job.kind, "done")
                 else:
                     result.wrong += 1
+                    result.count(job.kind, "wrong")
             bar.update(1)
             if time.monotonic() < deadline:
                 submit(by_name[name])
@@ -168,7 +228,14 @@ def run_chaos(client: Any, workload: Workload, tenants: list[Tenant], spec: Chao
     result.lost += left
     if left:
         result.errors["unfinished"] += left
+        for _, job in owner.values():
+            result.count(job.kind, "lost")
     result.duration_s = time.monotonic() - t0
+    if spec.expected_workers is not None:
+        result.workers_end = wait_for_workers_back(client, spec.expected_workers,
+                                                   spec.recover_s)
+    else:
+        result.workers_end = _worker_count(client)
     return result
 
 
@@ -185,7 +252,7 @@ def run_scenario(args: Any) -> int:
     tenants = [workload.make_tenant(i) for i in range(tenants_n)]
     spec = ChaosSpec(duration=args.duration or (20.0 if args.quick else 60.0),
                      kill_every=args.kill_every, kill_all_at=args.kill_all_at,
-                     outstanding=args.outstanding)
+                     outstanding=args.outstanding, expected_workers=args.workers)
     print(f"chaos: {tenants_n} tenants x {tenants[0].nbytes / 2**20:.1f} MiB on "
           f"{args.workers} workers for {spec.duration:.0f}s, a worker killed every "
           f"{spec.kill_every:g}s" + (f", all at {spec.kill_all_at:g}s"
@@ -199,9 +266,13 @@ def run_scenario(args: Any) -> int:
     print(f"chaos: {res['done']} done, {res['lost']} lost, {res['wrong']} wrong of "
           f"{res['submitted']} submitted; {res['worker_kills']} single kills, "
           f"{res['all_workers_killed']} kill-all; {res['throughput_rps']:.1f} req/s; "
-          f"errors {res['errors'] or 'none'}")
+          f"errors {res['errors'] or 'none'}", flush=True)
+    print(f"chaos: by kind {res['by_kind']}; workers at the end "
+          f"{res['workers_end']}/{res['workers_expected']} (fewest seen "
+          f"{res['workers_min_seen']})", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"command": "dask-kaas bench --scenario chaos", "chaos": res}, f,
                       indent=2)
-    return 0 if res["lost"] == 0 and res["wrong"] == 0 else 1
+    ok = res["lost"] == 0 and res["wrong"] == 0 and res["workers_end"] == args.workers
+    return 0 if ok else 1
