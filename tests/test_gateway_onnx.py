@@ -316,3 +316,27 @@ def test_hostile_infer_requests_are_4xx(gw):
     x = xs(2, 11)
     np.testing.assert_allclose(infer_mlp(triton(gw), "mlp", x),
                                models.ort_run(MLP, {"x": x})[0], rtol=RTOL, atol=ATOL)
+
+
+def test_graphs_per_shape_are_bounded_least_recently_used_out():
+    from dask_kaas.gateway.onnx_models import load_onnx
+
+    served = load_onnx(MLP, "alice", "lru", {}, 32, max_graphs=2)
+    assert served.imports == 1  # batch 1, at upload
+
+    def shape(b: int) -> dict[str, tuple[int, ...]]:
+        return {"x": (b, 16)}
+
+    g2, consts2 = served.build(shape(2))
+    assert served.imports == 2 and served.describe()["graphs_cached"] == 2
+    assert served.build(shape(2))[0] is g2 and served.imports == 2  # a hit costs nothing
+    served.build(shape(3))  # batch 1 is the least recently used: out
+    assert served.imports == 3 and served.describe()["graphs_cached"] == 2
+    assert served.cached(shape(1)) is None and served.cached(shape(2)) is not None
+    served.build(shape(1))
+    assert served.imports == 4
+    # the weights are the same arrays at every batch, with one token each
+    g3, consts3 = served.build(shape(3))
+    assert all(consts3[n][0] is consts2[n][0] and consts3[n][1] == consts2[n][1]
+               for n in ("w1", "b1", "w2", "b2"))
+    assert g3.buffers["x"].shape == (3, 16) and g3.buffers["y"].shape == (3, 8)

@@ -194,6 +194,7 @@ class OnnxServed:
     #: id(array) -> (array, content token): the token is taken once per array
     _tokens: dict = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _import_lock: threading.Lock = field(default_factory=threading.Lock)
 
     kind = "onnx"
 
@@ -327,8 +328,11 @@ class OnnxServed:
         hit = self.cached(shapes)
         if hit is not None:
             return hit
-        with self._lock:
-            hit = self._graphs.get(key)
+        # Imports are serialised by their own lock; the dict's lock is held
+        # only for lookups and inserts, so the event loop's cached() never
+        # waits for an import.
+        with self._import_lock:
+            hit = self.cached(shapes)
             if hit is not None:
                 return hit
             try:
@@ -346,14 +350,20 @@ class OnnxServed:
                     entry = (arr, content_token(arr))
                     self._tokens[id(arr)] = entry
                 consts[buf] = entry
-            self._graphs[key] = (graph, consts)
-            while len(self._graphs) > self.max_graphs:
-                self._graphs.popitem(last=False)
-                live = {id(v) for _, cs in self._graphs.values() for v, _ in cs.values()}
+            built = (graph, consts)
+            with self._lock:
+                self._graphs[key] = built
+                evicted = False
+                while len(self._graphs) > self.max_graphs:
+                    self._graphs.popitem(last=False)
+                    evicted = True
+                live = ({id(v) for _, cs in self._graphs.values() for v, _ in cs.values()}
+                        if evicted else set())
+            if evicted:
                 live |= {id(a) for a in self.initializers.values()}
                 for k in [k for k in self._tokens if k not in live]:
                     del self._tokens[k]
-            return self._graphs[key]
+            return built
 
 
 def load_onnx(body: bytes, tenant: str, name: str, query: Mapping[str, str],
