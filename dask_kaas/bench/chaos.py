@@ -4,9 +4,15 @@ workers die.
 Several tenants run a closed loop of requests, each checked against NumPy,
 while a worker process is killed with SIGKILL every few seconds (its Nanny
 starts a new one, with an empty device cache) and, optionally, every worker
-at once mid-run.  A request is *lost* if its future errs or has not finished
-by the end of the grace period, *wrong* if its result differs from NumPy.
-The promise under test: no request is lost while its client lives.
+at once mid-run.  The tenants mix three kinds of job (:mod:`.chaos_jobs`):
+the workload's plain requests, chains of two graphs where the second consumes
+the first's ``keep_on_device`` output, and requests with consts the cluster
+has never seen (new weights arriving during the kills).  A request is *lost*
+if its future errs or has not finished by the end of the grace period,
+*wrong* if its result differs from NumPy; both are counted per kind.  After
+the run the cluster is given ``recover_s`` to have every worker back, and
+the count is reported.  The promises under test: no request is lost while
+its client lives, and the pool does not shrink under repeated kills.
 """
 
 from __future__ import annotations
