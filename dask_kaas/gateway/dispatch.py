@@ -68,6 +68,10 @@ class Dispatcher:
         self.client = client
         self.pool = concurrent.futures.ThreadPoolExecutor(
             submit_threads, thread_name_prefix="kaas-gateway-submit")
+        #: ONNX imports (seconds for a large model) run here, one at a time, so
+        #: they never hold the threads that submit requests
+        self.import_pool = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="kaas-gateway-import")
         self.in_flight: dict[str, int] = {}
 
     # -- admission ---------------------------------------------------------
@@ -104,6 +108,12 @@ class Dispatcher:
         that holds them (see ``ConstRegistry.hold``)."""
         registry = self._consts()
         return {name: registry.future(token, value) for name, (value, token) in consts.items()}
+
+    async def import_call(self, fn: Any, *args: Any) -> Any:
+        """A blocking ONNX import (upload or a new input shape) off the HTTP
+        loop and off the submission threads."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.import_pool, lambda: fn(*args))
 
     # -- running -----------------------------------------------------------
     async def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -191,3 +201,4 @@ class Dispatcher:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.import_pool.shutdown(wait=False, cancel_futures=True)

@@ -36,7 +36,7 @@ def _batch_runner(gw: Any, model: OnnxServed) -> Any:
         shapes = {n: tuple(a.shape) for n, a in inputs.items()}
         hit = model.cached(shapes)
         if hit is None:
-            hit = await gw.dispatcher.call(model.build, shapes)
+            hit = await gw.dispatcher.import_call(model.build, shapes)
         graph, consts = hit
         principal = gw.tenants.tenants.get(model.tenant)
         weight = gw.weight_of(principal) if principal is not None else 1.0
@@ -74,7 +74,7 @@ class ModelHandler(BodyHandler):
                 raise BadRequestError(f"query parameter {repeated[0][:40]!r} given twice")
             query = {k: self.get_query_argument(k) for k in self.request.query_arguments}
             tenant = self.principal.name
-            served = await self.gw.dispatcher.call(
+            served = await self.gw.dispatcher.import_call(
                 load_onnx, body, tenant, name, query, self.gw.max_batch_size,
                 self.gw.max_graphs)
             created = self.gw.registry.put_served(tenant, name, served)
@@ -207,7 +207,7 @@ class InferHandler(BodyHandler):
         shapes = model.shapes_of(body, header, self.gw.max_body_size)
         hit = model.cached(shapes)
         if hit is None:
-            hit = await self.gw.dispatcher.call(model.build, shapes)
+            hit = await self.gw.dispatcher.import_call(model.build, shapes)
         return hit
 
     async def _infer(self, model: Any, graph: Any, consts: Any,
