@@ -240,9 +240,9 @@ def _latency(args: Any, th: Any, address: str, sess: Any, kaas_model: Any, model
     for i in range(args.latency_requests + 3):
         feed = example_inputs(model, 1, 1000 + i)
         want = sess.run(None, feed)
-        calls = [("onnxruntime", lambda: sess.run(None, feed)),
-                 ("gateway", lambda: _infer(th, client, "off", feed, outputs)),
-                 ("direct", lambda: [kaas_model(feed)[o] for o in outputs])]
+        calls = [("onnxruntime", lambda f=feed: sess.run(None, f)),
+                 ("gateway", lambda f=feed: _infer(th, client, "off", f, outputs)),
+                 ("direct", lambda f=feed: [kaas_model(f)[o] for o in outputs])]
         for key, call in calls if i % 2 == 0 else calls[::-1]:
             time.sleep(0.02)
             t0 = time.perf_counter()

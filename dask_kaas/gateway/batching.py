@@ -28,7 +28,6 @@ import logging
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
