@@ -70,6 +70,9 @@ class ChaosResult:
     workers_end: int | None = None
     workers_expected: int | None = None
     workers_min: int | None = None
+    #: Longest stretch (s) with fewer workers than expected, sampled every
+    #: 0.5 s: how long a killed worker takes to be back under this load.
+    longest_short_s: float = 0.0
 
     def count(self, kind: str, what: str) -> None:
         self.kinds.setdefault(kind, Counter())[what] += 1
@@ -81,6 +84,7 @@ class ChaosResult:
                 "by_kind": {k: dict(v) for k, v in sorted(self.kinds.items())},
                 "workers_end": self.workers_end, "workers_expected": self.workers_expected,
                 "workers_min_seen": self.workers_min,
+                "longest_short_of_workers_s": round(self.longest_short_s, 1),
                 "duration_s": round(self.duration_s, 1),
                 "throughput_rps": self.done / self.duration_s if self.duration_s else 0.0}
 
@@ -149,12 +153,19 @@ def run_chaos(client: Any, workload: Workload, tenants: list[Tenant], spec: Chao
         killed_all = spec.kill_all_at is None
         next_kill = t0 + spec.kill_every
         next_sample = t0
+        short_since: float | None = None
         while not stop.wait(0.05):
             now = time.monotonic()
             if now >= next_sample:
                 n = _worker_count(client)
                 if n is not None and (result.workers_min is None or n < result.workers_min):
                     result.workers_min = n
+                if n is not None and spec.expected_workers is not None:
+                    if n < spec.expected_workers:
+                        short_since = now if short_since is None else short_since
+                        result.longest_short_s = max(result.longest_short_s, now - short_since)
+                    else:
+                        short_since = None
                 next_sample = now + 0.5
             if not killed_all and now - t0 >= spec.kill_all_at:  # type: ignore[operator]
                 result.kill_all += 1 if _kill(client, True, kill_rng) else 0
@@ -275,7 +286,8 @@ def run_scenario(args: Any) -> int:
           f"errors {res['errors'] or 'none'}", flush=True)
     print(f"chaos: by kind {res['by_kind']}; workers at the end "
           f"{res['workers_end']}/{res['workers_expected']} (fewest seen "
-          f"{res['workers_min_seen']})", flush=True)
+          f"{res['workers_min_seen']}, longest short of workers "
+          f"{res['longest_short_of_workers_s']}s)", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"command": "dask-kaas bench --scenario chaos", "chaos": res}, f,
