@@ -93,9 +93,14 @@ start_scheduler() {
   ns sched "$DASK" scheduler --host "$NET.1" --port 8786 --no-dashboard \
     --preload dask_kaas.preload >"$WORK/sched.log" 2>&1 &
 }
-start_worker() {  # name
-  ns "$1" "$DASK" worker "$SCHED" --host "$NET.$2" --nthreads 2 --resources GPU=1 \
-    --no-dashboard --preload dask_kaas.preload --name "$1" >>"$WORK/$1.log" 2>&1 &
+start_worker() {  # name octet
+  # Under a supervisor loop, as systemd's Restart=always would run it: a
+  # worker the scheduler removed while its host was cut off shuts itself
+  # down when the link returns ("Scheduler was unaware of this worker;
+  # shutting down."), Nanny included; the host's supervisor starts it again.
+  ns "$1" bash -c 'while :; do "$0" worker "$1" --host "$2" --nthreads 2 --resources GPU=1 \
+    --no-dashboard --preload dask_kaas.preload --name "$3"; sleep 1; done' \
+    "$DASK" "$SCHED" "$NET.$2" "$1" >>"$WORK/$1.log" 2>&1 &
 }
 TOKEN=multihost-secret
 DIGEST=$(printf %s "$TOKEN" | sha256sum | cut -d' ' -f1)
