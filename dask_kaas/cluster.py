@@ -16,6 +16,7 @@ import logging
 import os
 from typing import Any
 
+import dask.config
 from distributed import LocalCluster
 
 from . import config
@@ -100,6 +101,20 @@ def with_devices(specs: dict[Any, Any], devices: list[str],
     return out
 
 
+def _with_workers_per_device(worker_config: Any, workers_per_device: int) -> dict[str, Any]:
+    """The Dask config each Nanny gives its worker, with
+    ``kaas.workers-per-device`` set: a worker sizes its RMM pool from the
+    device's free memory divided by it.  A Nanny merges this over its own
+    config one top-level key deep, so the whole ``kaas`` section goes."""
+    if worker_config is not None and not isinstance(worker_config, dict):
+        raise KaasError(f"config must be a dict of Dask settings, got {type(worker_config).__name__}")
+    out = dict(worker_config or {})
+    section = dict(out.get("kaas") or dask.config.get("kaas", default={}) or {})
+    section["workers-per-device"] = workers_per_device
+    out["kaas"] = section
+    return out
+
+
 class LocalKaasCluster(LocalCluster):
     """A local Dask cluster ready for kernel graphs.
 
@@ -153,6 +168,8 @@ class LocalKaasCluster(LocalCluster):
         if device_memory_limit is None and self.kaas_backend == "cuda" and workers_per_device > 1:
             device_memory_limit = config.GPU_DEFAULT_FRACTION / workers_per_device
         self.workers_per_device = workers_per_device
+        if workers_per_device > 1 and kwargs.get("processes", True):
+            kwargs["config"] = _with_workers_per_device(kwargs.get("config"), workers_per_device)
         worker_plugin = KaasWorkerPlugin(self.kaas_backend, device_memory_limit, rmm_pool_size)
         scheduler_kwargs = dict(kwargs.pop("scheduler_kwargs", None) or {})
         scheduler_kwargs.setdefault("plugins", []).append(

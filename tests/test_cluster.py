@@ -314,3 +314,30 @@ def test_module_level_submit_uses_default_client(client):
     xv = np.array([-1, 0, 2], np.float32)
     out = dask_kaas.submit_kernel_graph(small, {"x": xv}, client=client).result()
     np.testing.assert_array_equal(out["y"], [0, 0, 2])
+
+
+def test_workers_sharing_a_device_are_told_how_many_share_it():
+    """Each worker sizes its RMM pool from the device's free memory divided
+    by ``kaas.workers-per-device``: the cluster must hand the count to the
+    worker processes (a Nanny passes only its own config on), and keep the
+    rest of the ``kaas`` section and the caller's own worker config."""
+    import dask
+
+    from dask_kaas import LocalKaasCluster
+    from distributed import Client
+
+    with dask.config.set({"kaas.max-n-iter": 777}):
+        with LocalKaasCluster(2, backend="cpu", workers_per_device=2, dashboard_address=None,
+                              config={"custom-setting": 5}) as cluster, Client(cluster) as c:
+            seen = c.run(lambda: (dask.config.get("kaas.workers-per-device"),
+                                  dask.config.get("kaas.max-n-iter"),
+                                  dask.config.get("custom-setting")))
+    assert sorted(seen.values()) == [(2, 777, 5), (2, 777, 5)]
+
+
+def test_workers_per_device_config_must_be_a_dict():
+    from dask_kaas import LocalKaasCluster
+    from dask_kaas.graph.errors import KaasError
+
+    with pytest.raises(KaasError, match="config must be a dict"):
+        LocalKaasCluster(2, backend="cpu", workers_per_device=2, config=["x"])
