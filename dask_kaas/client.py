@@ -390,6 +390,23 @@ class KaasClient(Client):
                                    keep_on_device=keep_on_device, priority=priority,
                                    weight=weight, timeout=timeout)
 
+    def register_onnx_model(self, model: Any, *, tenant: str = "default",
+                            name: str | None = None, batch: Any = None,
+                            max_graphs: int = 8) -> Any:
+        """Import an ONNX model (``ModelProto``, path or bytes) once and get a
+        callable that runs it by input names: ``m(input=x)["output"]``.
+
+        Its initializers become this tenant's consts (sent once, cached on the
+        workers), and a graph is kept per distinct input shape (``max_graphs``,
+        least recently used out), so a symbolic batch dimension takes any
+        batch.  A model the operator table cannot run is refused here with
+        ``UnsupportedOperatorError``.  Needs ``pip install "dask-kaas[onnx]"``.
+        """
+        from .onnx import register_onnx_model
+
+        return register_onnx_model(self, model, tenant=tenant, name=name, batch=batch,
+                                   max_graphs=max_graphs)
+
     def kaas_stats(self) -> dict[str, Any]:
         return kaas_stats(self)
 

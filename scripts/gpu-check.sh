@@ -7,7 +7,7 @@
 #                                     # cuda-bindings/cuda-pathfinder come from the image
 #   bash scripts/gpu-check.sh         # on the device, with carry [".whl"]
 #   bash scripts/gpu-check.sh --dry-run   # here, without a GPU: the same plumbing
-# (env: OUT, TOTAL_S, WHEELS_DIR, STAGES="versions cpu-side gpu-tests bench", PYTHON)
+# (env: OUT, TOTAL_S, WHEELS_DIR, STAGES="versions cpu-side gpu-tests onnx bench", PYTHON)
 #
 # Wheels from .whl/ go into a temporary target on PYTHONPATH, except those of
 # packages the image already has (cuda-bindings, cuda-pathfinder, CuPy, the
@@ -32,7 +32,7 @@ done
 OUT=${OUT:-/tmp/kaas-gpu-out}
 TOTAL_S=${TOTAL_S:-420}
 WHEELS_DIR=${WHEELS_DIR:-.whl}
-STAGES=" ${STAGES:-versions cpu-side gpu-tests bench} "
+STAGES=" ${STAGES:-versions cpu-side gpu-tests onnx bench} "
 PACK_S=15 # kept for packing and the summary
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.." || exit 2
@@ -178,6 +178,19 @@ else
     run_stage bench 90 $PY -m dask_kaas.bench.gpu --json "$LOGS/bench-gpu.json"
     grep -a "target" "$LOGS/bench.log" | tail -n 4 | cut -c1-150 | sed 's/^/  /' |
         tee -a "$SUMMARY"
+fi
+
+# ONNX's own node conformance cases on the CUDA backend (kernels on CuPy),
+# last: CuPy compiles each elementwise kernel on first use, so it gets what is left;
+# needs the onnx wheel (`bash ../shared/gpu-wheels.sh onnx`, ~17 MB of the
+# 64 MiB carry); expected outputs come with the cases, no onnxruntime needed.
+if $PY -c "import onnx" 2> /dev/null; then
+    run_stage onnx 100 $PY -m dask_kaas.onnx.conformance \
+        --backend "$( ((DRY)) && echo cpu || echo cuda)"
+    grep -aE "^(operator|total)" "$LOGS/onnx.log" | tail -n 2 | cut -c1-150 | sed 's/^/  /' |
+        tee -a "$SUMMARY"
+else
+    note "onnx: not run (no onnx module: bash ../shared/gpu-wheels.sh onnx)"
 fi
 
 # -- one archive, one summary ------------------------------------------------------

@@ -248,3 +248,28 @@ def test_hostile_literals_in_a_graph_document_fail_their_request(client):
     lits[0]["literal"] = 5  # more outputs than buffers
     with pytest.raises(KaasError):
         submit_kernel_graph(KernelGraph.from_dict(doc), {"x": x}, client).result()
+
+
+def test_client_method_registers_a_model_from_bytes_and_refuses_junk(client, tmp_path):
+    """``KaasClient.register_onnx_model`` is the one-call entry point: the
+    model's serialized bytes (or a path) in, a callable out whose answers are
+    onnxruntime's; junk in is a KaasError naming what is wrong."""
+    model = bert_encoder(layers=1, seed=11)
+    m = client.register_onnx_model(model.SerializeToString(), tenant="carol", name="enc")
+    feed = bert_inputs(3, seed=4)
+    got = m(**feed)
+    ref = reference(model, feed)
+    for k in m.outputs:
+        np.testing.assert_allclose(got[k], ref[k], rtol=RTOL, atol=ATOL)
+    path = tmp_path / "enc.onnx"
+    path.write_bytes(model.SerializeToString())
+    by_path = client.register_onnx_model(str(path), tenant="carol", batch=3)
+    np.testing.assert_allclose(by_path(**feed)["pooled"], ref["pooled"], rtol=RTOL, atol=ATOL)
+    for junk in (b"\xff\xfe not a model", 12, None, str(tmp_path / "missing.onnx"),
+                 "\udcff.onnx", [[[[]]]]):
+        with pytest.raises(KaasError):
+            client.register_onnx_model(junk, tenant="carol")
+    for bad in ({"batch": -1}, {"batch": 2**40}, {"max_graphs": "8"}, {"tenant": 5},
+                {"tenant": "x" * 10_000}):
+        with pytest.raises(KaasError):
+            client.register_onnx_model(model, **bad)
