@@ -3,8 +3,10 @@
 # GPU host with Python 3.12 and CuPy (cuda13) installed, so that a 600 s call
 # has margin and a rerun still fits the device budget.
 #
-#   bash ../shared/gpu-wheels.sh      # fills .whl/ (RMM, Dask, ...); no extra names:
-#                                     # cuda-bindings/cuda-pathfinder come from the image
+#   bash ../shared/gpu-wheels.sh onnx protobuf ml_dtypes
+#                                     # fills .whl/ (RMM, Dask, ..., onnx for the
+#                                     # conformance stage); cuda-bindings and
+#                                     # cuda-pathfinder come from the image
 #   bash scripts/gpu-check.sh         # on the device, with carry [".whl"]
 #   bash scripts/gpu-check.sh --dry-run   # here, without a GPU: the same plumbing
 # (env: OUT, TOTAL_S, WHEELS_DIR, STAGES="versions cpu-side gpu-tests onnx bench", PYTHON)
@@ -25,7 +27,7 @@ DRY=0
 for arg in "$@"; do
     case $arg in
         --dry-run) DRY=1 ;;
-        -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,24p' "$0"; exit 0 ;;
         *) echo "unknown argument: $arg" >&2; exit 2 ;;
     esac
 done
@@ -182,15 +184,14 @@ fi
 
 # ONNX's own node conformance cases on the CUDA backend (kernels on CuPy),
 # last: CuPy compiles each elementwise kernel on first use, so it gets what is left;
-# needs the onnx wheel (`bash ../shared/gpu-wheels.sh onnx`, ~17 MB of the
-# 64 MiB carry); expected outputs come with the cases, no onnxruntime needed.
+# needs the onnx wheel (see the top; ~17 MB of the 64 MiB carry); expected outputs come with the cases, no onnxruntime needed.
 if $PY -c "import onnx" 2> /dev/null; then
     run_stage onnx 100 $PY -m dask_kaas.onnx.conformance \
         --backend "$( ((DRY)) && echo cpu || echo cuda)"
     grep -aE "^(operator|total)" "$LOGS/onnx.log" | tail -n 2 | cut -c1-150 | sed 's/^/  /' |
         tee -a "$SUMMARY"
 else
-    note "onnx: not run (no onnx module: bash ../shared/gpu-wheels.sh onnx)"
+    note "onnx: not run (no onnx module: bash ../shared/gpu-wheels.sh onnx protobuf ml_dtypes)"
 fi
 
 # -- one archive, one summary ------------------------------------------------------
