@@ -18,13 +18,12 @@ def main(client, model_name: str = "resnet50", tenants: int = 2, requests: int =
     from onnxruntime."""
     import onnxruntime as ort
 
-    from dask_kaas.onnx import register_onnx_model
     from dask_kaas.onnx.zoo import light_input, light_model
 
     worst = 0.0
     for t in range(tenants):
         model, data = light_model(model_name, seed=t)  # each tenant: its own weights
-        served = register_onnx_model(client, model, tenant=f"tenant-{t}")
+        served = client.register_onnx_model(model, tenant=f"tenant-{t}")
         graph, _ = served.graph_for(None)
         d = graph.describe()
         print(f"tenant-{t}: {model_name} as {d['launches']} launches; temps "
