@@ -277,16 +277,22 @@ def slow_add(xp, x, b, y, seconds):
     y[...] = x + b
 
 
+def slow_add_graph(name, n, seconds):
+    """``y = x + b`` (``b`` a const) taking ``seconds`` per request."""
+    g = KernelGraph(name)
+    x = g.input("x", (n,), np.float32)
+    b = g.const("b", (n,), np.float32)
+    y = g.output("y", (n,), np.float32)
+    g.launch(Kernel.array(slow_add), [x, b, Out(y), np.float64(seconds)])
+    return g
+
+
 def test_requests_sent_again_after_a_lost_const_are_counted_once():
     """Every worker dies with requests in flight: Dask cancels them (their
     const went with the workers) and the client sends them again under the
     same keys.  They were counted cancelled and submitted twice."""
     n = 1024
-    g = KernelGraph("counted")
-    x = g.input("x", (n,), np.float32)
-    b = g.const("b", (n,), np.float32)
-    y = g.output("y", (n,), np.float32)
-    g.launch(Kernel.array(slow_add), [x, b, Out(y), np.float64(0.05)])
+    g = slow_add_graph("counted", n, 0.05)
     rng = np.random.default_rng(5)
     bias = rng.random(n, dtype=np.float32)
     xs = [rng.random(n, dtype=np.float32) for _ in range(16)]
@@ -330,11 +336,7 @@ def test_chains_of_kept_outputs_are_sent_again_in_order():
     with every worker: each chain is sent again producer first, so no
     request names a dependency the scheduler already forgot."""
     n = 1024
-    g = KernelGraph("chain")
-    x = g.input("x", (n,), np.float32)
-    b = g.const("b", (n,), np.float32)
-    y = g.output("y", (n,), np.float32)
-    g.launch(Kernel.array(slow_add), [x, b, Out(y), np.float64(0.02)])
+    g = slow_add_graph("chain", n, 0.02)
     rng = np.random.default_rng(8)
     bias = rng.random(n, dtype=np.float32)
     starts = [rng.random(n, dtype=np.float32) for _ in range(6)]

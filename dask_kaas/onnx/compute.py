@@ -694,27 +694,27 @@ def slice_(xp: Any, ins: Sequence[Any], outs: Sequence[Any], a: Attrs) -> None:
     put(outs[0], x[tuple(index)])
 
 
-def gather(xp: Any, ins: Sequence[Any], outs: Sequence[Any], a: Attrs) -> None:
-    axis = a.int()
-    x, idx = ins
-    dim = x.shape[axis]
+def _normal_indices(xp: Any, idx: Any, dim: int, op: str) -> Any:
+    """``idx`` with negative entries counted from the end, after checking
+    every entry is within ``-dim..dim-1`` (NumPy would wrap or fail unclearly)."""
     if idx.size:
         lo, hi = int(idx.min()), int(idx.max())
         if lo < -dim or hi >= dim:
-            raise IndexError(f"Gather index out of range {-dim}..{dim - 1}: {lo}..{hi}")
-    idx = xp.where(idx < 0, idx + dim, idx)
+            raise IndexError(f"{op} index out of range {-dim}..{dim - 1}: {lo}..{hi}")
+    return xp.where(idx < 0, idx + dim, idx)
+
+
+def gather(xp: Any, ins: Sequence[Any], outs: Sequence[Any], a: Attrs) -> None:
+    axis = a.int()
+    x, idx = ins
+    idx = _normal_indices(xp, idx, x.shape[axis], "Gather")
     put(outs[0], xp.take(x, idx, axis=axis))
 
 
 def gather_elements(xp: Any, ins: Sequence[Any], outs: Sequence[Any], a: Attrs) -> None:
     axis = a.int()
     x, idx = ins
-    dim = x.shape[axis]
-    if idx.size:
-        lo, hi = int(idx.min()), int(idx.max())
-        if lo < -dim or hi >= dim:
-            raise IndexError(f"GatherElements index out of range: {lo}..{hi}")
-    idx = xp.where(idx < 0, idx + dim, idx)
+    idx = _normal_indices(xp, idx, x.shape[axis], "GatherElements")
     put(outs[0], xp.take_along_axis(x, idx, axis=axis))
 
 
