@@ -107,7 +107,8 @@ def _with_workers_per_device(worker_config: Any, workers_per_device: int) -> dic
     device's free memory divided by it.  A Nanny merges this over its own
     config one top-level key deep, so the whole ``kaas`` section goes."""
     if worker_config is not None and not isinstance(worker_config, dict):
-        raise KaasError(f"config must be a dict of Dask settings, got {type(worker_config).__name__}")
+        raise KaasError("config must be a dict of Dask settings, got "
+                        f"{type(worker_config).__name__}")
     out = dict(worker_config or {})
     section = dict(out.get("kaas") or dask.config.get("kaas", default={}) or {})
     section["workers-per-device"] = workers_per_device

@@ -322,9 +322,9 @@ def test_workers_sharing_a_device_are_told_how_many_share_it():
     worker processes (a Nanny passes only its own config on), and keep the
     rest of the ``kaas`` section and the caller's own worker config."""
     import dask
+    from distributed import Client
 
     from dask_kaas import LocalKaasCluster
-    from distributed import Client
 
     with dask.config.set({"kaas.max-n-iter": 777}):
         with LocalKaasCluster(2, backend="cpu", workers_per_device=2, dashboard_address=None,
