@@ -9,7 +9,7 @@
 #                                     # cuda-pathfinder come from the image
 #   bash scripts/gpu-check.sh         # on the device, with carry [".whl"]
 #   bash scripts/gpu-check.sh --dry-run   # here, without a GPU: the same plumbing
-# (env: OUT, TOTAL_S, WHEELS_DIR, STAGES="versions cpu-side gpu-tests onnx bench", PYTHON)
+# (env: OUT, TOTAL_S, WHEELS_DIR, STAGES="versions cpu-side gpu-tests onnx-model onnx bench", PYTHON)
 #
 # Wheels from .whl/ go into a temporary target on PYTHONPATH, except those of
 # packages the image already has (cuda-bindings, cuda-pathfinder, CuPy, the
@@ -34,7 +34,7 @@ done
 OUT=${OUT:-/tmp/kaas-gpu-out}
 TOTAL_S=${TOTAL_S:-420}
 WHEELS_DIR=${WHEELS_DIR:-.whl}
-STAGES=" ${STAGES:-versions cpu-side gpu-tests onnx bench} "
+STAGES=" ${STAGES:-versions cpu-side gpu-tests onnx-model onnx bench} "
 PACK_S=15 # kept for packing and the summary
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.." || exit 2
@@ -186,6 +186,14 @@ fi
 # last: CuPy compiles each elementwise kernel on first use, so it gets what is left;
 # needs the onnx wheel (see the top; ~17 MB of the 64 MiB carry); expected outputs come with the cases, no onnxruntime needed.
 if $PY -c "import onnx" 2> /dev/null; then
+    # ResNet-50 (seeded weights) against onnxruntime's CPU output, or against
+    # the same graph on NumPy where the image has no onnxruntime.
+    if ((DRY)); then
+        run_stage onnx-model 60 $PY -m dask_kaas.onnx.model_check --backend cpu --model squeezenet
+    else
+        run_stage onnx-model 90 $PY -m dask_kaas.onnx.model_check --backend cuda --requests 5
+    fi
+    tail -n 2 "$LOGS/onnx-model.log" | cut -c1-300 | sed 's/^/  /' | tee -a "$SUMMARY"
     run_stage onnx 100 $PY -m dask_kaas.onnx.conformance \
         --backend "$( ((DRY)) && echo cpu || echo cuda)"
     grep -aE "^(operator|total)" "$LOGS/onnx.log" | tail -n 2 | cut -c1-150 | sed 's/^/  /' |

@@ -273,3 +273,31 @@ def test_client_method_registers_a_model_from_bytes_and_refuses_junk(client, tmp
                 {"tenant": "x" * 10_000}):
         with pytest.raises(KaasError):
             client.register_onnx_model(model, **bad)
+
+
+@pytest.mark.parametrize("without_ort", [False, True])
+def test_the_device_checks_model_check_compares_with_a_reference(client, monkeypatch,
+                                                                without_ort):
+    """``python -m dask_kaas.onnx.model_check`` (run by gpu-check.sh on the
+    CUDA backend): onnxruntime's answers where it is installed, else the same
+    graph on NumPy in-process (the GPU image has no onnxruntime)."""
+    import sys
+
+    from dask_kaas.onnx import model_check
+
+    if without_ort:
+        monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails
+    r = model_check.check(client, "squeezenet", requests=2)
+    assert r["reference"] == ("the same graph on NumPy in-process" if without_ort
+                              else "onnxruntime (CPU)")
+    assert r["largest_difference"] < 1e-3 and r["launches"] > 10
+
+
+@pytest.mark.parametrize("argv", [["--model", "nope"], ["--requests", "0"],
+                                  ["--requests", "10**9"], ["--backend", "tpu"]])
+def test_model_check_refuses_bad_arguments(argv):
+    from dask_kaas.onnx import model_check
+
+    with pytest.raises(SystemExit) as e:
+        model_check.main(argv)
+    assert e.value.code == 2
