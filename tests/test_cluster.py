@@ -341,3 +341,46 @@ def test_workers_per_device_config_must_be_a_dict():
 
     with pytest.raises(KaasError, match="config must be a dict"):
         LocalKaasCluster(2, backend="cpu", workers_per_device=2, config=["x"])
+
+
+def test_a_closing_workers_aborted_heartbeat_is_not_logged_as_an_error():
+    """Worker.close closes its connections under a heartbeat in flight and
+    Dask logs an ERROR with a traceback (seen at the end of the demo under
+    load); demoted only while this process's KaaS workers are closing."""
+    import logging
+
+    from dask_kaas import LocalKaasCluster
+    from dask_kaas.plugin.quiet_close import HEARTBEAT_FAILED
+    from distributed.comm.core import CommClosedError
+
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record)
+
+    log = logging.getLogger("distributed.worker")
+    handler = Keep(level=logging.ERROR)
+    log.addHandler(handler)
+
+    def heartbeat_failed(error):
+        try:
+            raise error
+        except Exception:
+            log.exception(HEARTBEAT_FAILED)
+
+    try:
+        with LocalKaasCluster(1, backend="cpu", processes=False, protocol="tcp",
+                              dashboard_address=None) as c:
+            (nanny_or_worker,) = c.workers.values()
+            heartbeat_failed(CommClosedError("in <TCP (closed)>: Stream is closed"))
+            assert len(seen) == 1  # a running worker: a real failure, logged
+        assert nanny_or_worker.status.name == "closed"
+        heartbeat_failed(CommClosedError("in <TCP (closed)>: Stream is closed"))
+        assert len(seen) == 1  # the worker closed its own connection: demoted
+        heartbeat_failed(RuntimeError("something else"))
+        log.error("another error of a closed worker")
+        assert [r.getMessage() for r in seen[1:]] == [HEARTBEAT_FAILED,
+                                                      "another error of a closed worker"]
+    finally:
+        log.removeHandler(handler)

@@ -24,6 +24,7 @@ from ..graph.errors import KaasError, NoKaasWorkersError
 from ..request import GraphRequest
 from .health import Health
 from .identity import value_keys
+from .quiet_close import quiet_heartbeat_at_close
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -78,6 +79,7 @@ class KaasWorkerPlugin(WorkerPlugin):
         from dask.utils import parse_timedelta
 
         self.worker = worker
+        quiet_heartbeat_at_close(worker)
         resource = config.get("resource", "GPU")
         slots = int(worker.state.total_resources.get(resource, 1) or 1)
         limit = self.device_memory_limit
