@@ -462,18 +462,22 @@ def run_profile(batches: tuple[int, ...] = (1, 32), workers: int = 2, weights_mi
 
 # -- A/B of the control-plane settings ------------------------------------------------
 #: name -> (client stream ms, scheduler->worker stream ms, release at
-#: submission, worker->scheduler stream ms or None to leave it).  "dask" is
-#: how the code ran before these settings: Dask's own intervals, every graph
-#: held and released by a pass.
-VARIANTS: dict[str, tuple[float, float, bool, float | None]] = {
-    "dask": (10.0, 5.0, False, None),
-    "client-interval": (1.0, 5.0, False, None),
-    "+worker-interval": (1.0, 1.0, False, None),
-    "+at-submit": (1.0, 1.0, True, None),
-    # Not in the code: the workers' own stream to the scheduler at 1 ms (the
-    # KaaS report sent just before Dask's task-finished holds it for 2 ms).
-    "+worker-report-1ms": (1.0, 1.0, True, 1.0),
+#: submission, worker->scheduler stream ms or None to leave it (Dask's 2 ms),
+#: the KaaS report with Dask's task-finished).  "dask" is how the code ran
+#: before these settings: Dask's own intervals, every graph held and released
+#: by a pass, the report sent on its own a tick before task-finished.
+Variant = tuple[float, float, bool, "float | None", bool]
+VARIANTS: dict[str, Variant] = {
+    "dask": (10.0, 5.0, False, None, False),
+    "client-interval": (1.0, 5.0, False, None, False),
+    "+worker-interval": (1.0, 1.0, False, None, False),
+    "+at-submit": (1.0, 1.0, True, None, False),
+    "+report-with-result": (1.0, 1.0, True, None, True),
+    # Not in the code: the workers' own stream to the scheduler at 1 ms too.
+    "+worker-stream-1ms": (1.0, 1.0, True, 1.0, True),
 }
+#: The settings the code runs with by default.
+DEFAULT_VARIANT = "+report-with-result"
 
 
 def _sched_settings(dask_scheduler: Any, worker_ms: float, at_submit: bool) -> float:
@@ -483,19 +487,30 @@ def _sched_settings(dask_scheduler: Any, worker_ms: float, at_submit: bool) -> f
     return time.process_time()
 
 
-def _worker_settings(dask_worker: Any, ms: float | None) -> float:
+def _worker_settings(dask_worker: Any, ms: float | None, with_result: bool = True) -> float:
+    from ..plugin.worker import PLUGIN_NAME
+
     if ms is not None:
         dask_worker.batched_stream.interval = ms / 1000
+    plugin = dask_worker.plugins.get(PLUGIN_NAME)
+    if plugin is not None:
+        plugin.report_with_result = with_result
     return time.process_time()
 
 
-def _apply(client: Any, variant: tuple[float, float, bool, float | None]) -> None:
-    client_ms, worker_ms, at_submit, report_ms = variant
+def apply_variant(client: Any, variant: Variant) -> None:
+    """Switch the control-plane settings of ``client``, its scheduler and
+    every worker live (the client's stream: this client only)."""
+    client_ms, worker_ms, at_submit, report_ms, with_result = variant
     comm = client.scheduler_comm
     comm.interval = client_ms / 1000
     client._kaas_state._tuned = comm  # tune_stream leaves this setting alone
     client.run_on_scheduler(_sched_settings, worker_ms=worker_ms, at_submit=at_submit)
-    client.run(_worker_settings, ms=report_ms if report_ms is not None else 2.0)
+    client.run(_worker_settings, ms=report_ms if report_ms is not None else 2.0,
+               with_result=with_result)
+
+
+_apply = apply_variant
 
 
 def _cpu(client: Any, shared: bool) -> tuple[float, float, float]:
@@ -506,9 +521,8 @@ def _cpu(client: Any, shared: bool) -> tuple[float, float, float]:
     return time.process_time(), sched, workers
 
 
-def ab(client: Any, batch: int, variants: dict[str, tuple[float, float, bool, float | None]]
-       | None = None, rounds: int = 6, per_window: int = 15, weights_mib: float = 8.0
-       ) -> dict[str, Any]:
+def ab(client: Any, batch: int, variants: dict[str, Variant] | None = None,
+       rounds: int = 6, per_window: int = 15, weights_mib: float = 8.0) -> dict[str, Any]:
     """Each variant's kaas and plain p50 and CPU per request per process,
     variants in alternating windows of one run (settings switched live)."""
     variants = variants or VARIANTS
@@ -535,7 +549,7 @@ def ab(client: Any, batch: int, variants: dict[str, tuple[float, float, bool, fl
                     for i in range(3):
                         cpu[v][p][i] += c1[i] - c0[i]
     finally:
-        _apply(client, VARIANTS["+at-submit"])
+        _apply(client, VARIANTS[DEFAULT_VARIANT])
     out: dict[str, Any] = {"batch": batch, "per_variant": rounds * per_window,
                            "scheduler_in_client_process": shared, "variants": {}}
     for v in variants:
@@ -626,4 +640,4 @@ def run_scenario(args: Any) -> int:
 
 
 __all__ = ["run_profile", "measure_batch", "format_profile", "run_scenario", "STAGES",
-           "ab", "format_ab", "VARIANTS"]
+           "ab", "format_ab", "VARIANTS", "DEFAULT_VARIANT", "apply_variant"]

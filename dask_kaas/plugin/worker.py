@@ -5,6 +5,14 @@ One plugin per worker owns one WorkerRuntime.  Graph tasks find it through
 scheduler plugin over the worker's batched stream (the same stream, and so
 the same order, as the worker's own task-finished messages), so the buffer
 directory is up to date by the time a client sees a result.
+
+A finished graph's report goes out with its task's own task-finished (or
+task-erred) message (``kaas.report-with-result``): the task's thread leaves
+it here, and this plugin's ``transition`` hook, which Dask calls on the
+event loop just before it sends the task's message, puts it on the batched
+stream first, so both leave in one write.  Sent on its own a tick earlier,
+it opened the stream's batching interval (2 ms) and Dask's message waited
+it out.
 """
 
 from __future__ import annotations
@@ -36,6 +44,9 @@ UPDATE_OP = "kaas-worker-update"
 #: How long past the grace period a request on a broken device waits for the
 #: restart that moves it elsewhere.
 RESTART_WAIT_S = 30.0
+#: Worker task states a task leaves once its function has returned: a report
+#: held for the task goes out on the transition out of one of them.
+_RAN = frozenset({"executing", "long-running", "cancelled", "resumed"})
 
 
 class RescheduledError(KaasError, Reschedule):
@@ -59,6 +70,13 @@ class KaasWorkerPlugin(WorkerPlugin):
         self.runtime: WorkerRuntime | None = None
         self.worker: Worker | None = None
         self._pending_reports: list[dict] = []
+        #: Dask key -> report of a graph whose task's function has returned
+        #: and whose task-finished message Dask has not sent yet.
+        self._held: dict[Any, dict[str, Any]] = {}
+        self._held_seen: set[Any] = set()
+        self._held_lock = threading.Lock()
+        #: ``kaas.report-with-result``: reports go with Dask's own message.
+        self.report_with_result = True
         self._hello_sent = False
         self._last_stats: dict[str, Any] | None = None
         self._queued: dict[Any, tuple[str, ...]] = {}
@@ -97,6 +115,7 @@ class KaasWorkerPlugin(WorkerPlugin):
                                      reschedule=self.await_restart)
         worker.handlers["kaas_worker_stats"] = self.handle_stats
         worker.handlers["kaas_worker_clear"] = self.handle_clear
+        self.report_with_result = bool(config.get("report-with-result", True))
         interval = parse_timedelta(config.get("report-interval", "200ms")) * 1000
         self._callback = PeriodicCallback(self._periodic_flush, interval)
         self._callback.start()
@@ -117,6 +136,13 @@ class KaasWorkerPlugin(WorkerPlugin):
     def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
         """Track the cacheable inputs of graphs waiting on this worker, and
         the tasks executing here (see :mod:`.health`)."""
+        if self._held and start in _RAN:
+            with self._held_lock:
+                report = self._held.pop(key, None)
+            if report is not None:
+                # On the event loop, inside Dask's handling of the task's
+                # end: Dask's own message for it is next on the stream.
+                self.flush(report)
         rt, worker = self.runtime, self.worker
         ts = worker.state.tasks.get(key) if worker is not None else None
         state = ts.state if ts is not None else finish  # "released" may mean cancelled
@@ -166,13 +192,20 @@ class KaasWorkerPlugin(WorkerPlugin):
 
     # -- reports to the scheduler -----------------------------------------
     def report(self, report: dict[str, Any]) -> None:
-        """Called from the task's thread once a graph is done.  Statistics go
-        along at once while a slot is overdue: the scheduler must know before
-        it places the next graph."""
+        """Called from the task's thread once a graph is done.  The report is
+        held until Dask sends the task's own message (see ``transition``);
+        while a slot is overdue it goes at once, with statistics: the
+        scheduler must know before it places the next graph."""
         worker, rt = self.worker, self.runtime
         if worker is None:
             return
         urgent = rt is not None and bool(rt.overdue)
+        if self.report_with_result and not urgent:
+            key = _current_key(worker)
+            if key is not None:
+                with self._held_lock:
+                    self._held[key] = report
+                return
         worker.loop.add_callback(self.flush, report, urgent)
 
     def state_changed(self) -> None:
@@ -198,6 +231,12 @@ class KaasWorkerPlugin(WorkerPlugin):
                         f"({reason}) and was not restarted")
 
     def _periodic_flush(self) -> None:
+        # A report held since the previous tick lost its task's transition
+        # (none should): it goes now, on its own.
+        with self._held_lock:
+            stale = [self._held.pop(k) for k in self._held_seen if k in self._held]
+            self._held_seen = set(self._held)
+        self._pending_reports.extend(stale)
         self.flush(with_stats=True)
 
     def flush(self, report: dict[str, Any] | None = None, with_stats: bool = False) -> None:
@@ -236,6 +275,14 @@ class KaasWorkerPlugin(WorkerPlugin):
             self._hello_sent = True
         self._pending_reports = []
         worker.batched_send(msg)
+
+
+def _current_key(worker: Worker) -> Any:
+    """The Dask key of the task running in this thread, or None."""
+    try:
+        return worker.get_current_task()
+    except (AttributeError, KeyError, ValueError):
+        return None
 
 
 def _request_of(run_spec: Any) -> GraphRequest | None:
