@@ -20,16 +20,26 @@ QUICK_MODES = ["kaas", "kaas-dask", "naive", "static"]
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scenario", default="throughput", choices=["throughput", "chaos", "single",
-                                                             "latency-profile"],
+                                                             "latency-profile", "closed-loop"],
                    help="chaos: tenants' load while workers are killed (lost/wrong requests); "
                         "single (ONNX workloads): one request at a time through the cluster "
-                        "against onnxruntime on as many threads")
+                        "against onnxruntime on as many threads; closed-loop: 1/8/32 clients "
+                        "x batch 1/32 of the MLP, the control plane before issue 20 (old), "
+                        "now (new) and plain client.submit in alternating windows "
+                        "(--duration: seconds per window)")
     from .placement import count_arg
 
     p.add_argument("--threads", type=count_arg(1, 256), default=1,
                    help="single: BLAS threads of the worker and onnxruntime's intra-op threads")
     p.add_argument("--requests", type=count_arg(1, 100_000), default=20,
                    help="single: timed requests")
+    p.add_argument("--loop-clients", default="1,8,32",
+                   help="closed-loop: comma-separated counts of concurrent clients")
+    p.add_argument("--loop-batches", default="1,32", help="closed-loop: comma-separated batches")
+    p.add_argument("--loop-modes", default="old,new,plain",
+                   help="closed-loop: from old,new,plain")
+    p.add_argument("--rounds", type=count_arg(1, 1000), default=4,
+                   help="closed-loop: windows per mode and cell")
     p.add_argument("--kill-every", type=float, default=3.0,
                    help="chaos: seconds between killing a random worker")
     p.add_argument("--kill-all-at", type=float, default=None,
@@ -114,6 +124,10 @@ def run(args: argparse.Namespace) -> int:
         from .latency_profile import run_scenario as run_profile_scenario
 
         return run_profile_scenario(args)
+    if args.scenario == "closed-loop":
+        from .closed_loop import run_scenario as run_closed_loop_scenario
+
+        return run_closed_loop_scenario(args)
     from ..client import KaasClient
     from ..cluster import LocalKaasCluster
     from .driver import LoadSpec, run_load

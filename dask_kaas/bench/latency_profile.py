@@ -501,10 +501,12 @@ def _worker_settings(dask_worker: Any, ms: float | None, with_result: bool = Tru
 def apply_variant(client: Any, variant: Variant) -> None:
     """Switch the control-plane settings of ``client``, its scheduler and
     every worker live (the client's stream: this client only)."""
+    from ..client import _state
+
     client_ms, worker_ms, at_submit, report_ms, with_result = variant
     comm = client.scheduler_comm
     comm.interval = client_ms / 1000
-    client._kaas_state._tuned = comm  # tune_stream leaves this setting alone
+    _state(client)._tuned = comm  # tune_stream leaves this setting alone
     client.run_on_scheduler(_sched_settings, worker_ms=worker_ms, at_submit=at_submit)
     client.run(_worker_settings, ms=report_ms if report_ms is not None else 2.0,
                with_result=with_result)
