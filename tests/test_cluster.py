@@ -349,9 +349,10 @@ def test_a_closing_workers_aborted_heartbeat_is_not_logged_as_an_error():
     load); demoted only while this process's KaaS workers are closing."""
     import logging
 
+    from distributed.comm.core import CommClosedError
+
     from dask_kaas import LocalKaasCluster
     from dask_kaas.plugin.quiet_close import HEARTBEAT_FAILED
-    from distributed.comm.core import CommClosedError
 
     seen = []
 
