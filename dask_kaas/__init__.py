@@ -16,6 +16,7 @@ from .client import (
     submit_kernel_graph,
 )
 from .cluster import LocalKaasCluster
+from .consts import freeze_const
 from .device.handles import DeviceArray
 from .graph import *  # noqa: F401,F403
 from .plugin.scheduler import KaasSchedulerPlugin
@@ -34,5 +35,5 @@ __all__ = [  # noqa: F405 - the graph model's names come from the star import
     "Launch", "LaunchConfigError", "LiteralTypeError", "LocalKaasCluster", "MissingInputError",
     "NoKaasWorkersError", "Out", "RequestTimeoutError", "SerializationError",
     "UnexpectedInputError", "UninitializedReadError", "UnknownBufferError", "UnwrittenOutputError",
-    "kaas_set_weight", "kaas_stats", "map_kernel_graph", "submit_kernel_graph",
+    "freeze_const", "kaas_set_weight", "kaas_stats", "map_kernel_graph", "submit_kernel_graph",
 ]

@@ -358,3 +358,68 @@ def test_chains_of_kept_outputs_are_sent_again_in_order():
                 want = s + depth * bias
                 np.testing.assert_allclose(f.result(timeout=120)["y"], want, rtol=1e-5)
                 np.testing.assert_allclose(f["y"].result(timeout=120), want, rtol=1e-5)
+
+
+# -- frozen consts: a token taken once, for arrays nobody can change ----------
+
+def test_frozen_consts_compute_right_and_cannot_be_changed(cc):
+    """``freeze_const`` copies into an immutable buffer so its token can be
+    taken once; every way of changing it fails, its transpose is still
+    another const, and the original changing leaves the frozen copy alone."""
+    from dask_kaas import freeze_const
+    from dask_kaas.consts import _frozen_tokens, is_frozen
+
+    g = matmul_graph()
+    rng = np.random.default_rng(3)
+    x = rng.random((4, 4))
+    w = rng.random((4, 4))
+    f = freeze_const(w)
+    assert is_frozen(f) and freeze_const(f) is f and content_token(f) == content_token(w)
+    for weights, expect in ((f, w), (f.T, w.T), (f, w)):
+        out = cc.submit_kernel_graph(g, {"x": x, "w": weights}).result()["y"]
+        np.testing.assert_allclose(out, x @ expect)
+    assert id(f) in _frozen_tokens  # taken once, kept while f lives
+    with pytest.raises(ValueError):
+        f[0, 0] = 1.0
+    for view in (f, f.T, f[1:], f.view(np.uint8)):
+        with pytest.raises(ValueError):
+            view.flags.writeable = True
+    w[:] = 0.0  # the original may change: the frozen copy does not
+    out = cc.submit_kernel_graph(g, {"x": x, "w": f}).result()["y"]
+    assert not np.allclose(out, 0.0)
+    key = id(f)
+    del f, weights
+    import gc
+
+    gc.collect()
+    assert key not in _frozen_tokens  # leaves with its array
+
+
+def test_only_arrays_nobody_can_change_count_as_frozen():
+    """A read-only view of a writeable array, or an array made read-only
+    whose memory something else can write, is hashed at every submission."""
+    from dask_kaas.consts import _frozen_tokens, is_frozen
+
+    w = np.arange(16, dtype=np.float64).reshape(4, 4)
+    ro = w.view()
+    ro.flags.writeable = False
+    assert not is_frozen(ro)
+    before = content_token(ro)
+    w[0, 0] = 99.0  # changes what ro shows
+    assert content_token(ro) != before and id(ro) not in _frozen_tokens
+    buf = bytearray(32)  # a mutable buffer under a read-only array
+    arr = np.frombuffer(buf, np.float64)
+    arr.flags.writeable = False
+    assert not is_frozen(arr)
+    owned = np.zeros(4)
+    owned.flags.writeable = False  # an owner can be made writeable again
+    assert not is_frozen(owned)
+
+
+@pytest.mark.parametrize("bad", [[1.0, 2.0], "abc", None, b"\xff\xfe", np.float64(1.0),
+                                 np.array([object()]), np.ma.array([1.0, 2.0])])
+def test_freeze_const_refuses_what_is_not_a_plain_array(bad):
+    from dask_kaas import KaasError, freeze_const
+
+    with pytest.raises(KaasError):
+        freeze_const(bad)

@@ -12,7 +12,10 @@ alike:
   and released by a pass, the worker's report sent on its own;
 - ``new``: the code's defaults (see ``latency_profile.VARIANTS``);
 - ``plain``: ``client.submit`` of the same NumPy work, weights scattered once
-  (the Dask floor, on the same cluster and client, with the new settings).
+  (the Dask floor, on the same cluster and client, with the new settings);
+- ``frozen`` (on request, ``--loop-modes``): ``new`` with the weights passed
+  as :func:`~dask_kaas.freeze_const` copies, whose content token is taken
+  once instead of at every submission.
 
 The settings are switched live between windows (``apply_variant``); each
 window's clients are joined before the next one starts, so no request of
@@ -39,7 +42,8 @@ import numpy as np
 MODES = ("old", "new", "plain")
 #: The settings (``latency_profile.VARIANTS``) each mode runs with; any other
 #: mode named after a variant runs the kaas path with that variant.
-MODE_VARIANT = {"old": "dask", "new": "+report-with-result", "plain": "+report-with-result"}
+MODE_VARIANT = {"old": "dask", "new": "+report-with-result", "plain": "+report-with-result",
+                "frozen": "+report-with-result"}
 #: Seconds the load generator process may take to start and warm up.
 START_TIMEOUT_S = 180.0
 
@@ -49,6 +53,7 @@ class _Cell:
     """One (batch) setting's tenants, inputs, references and submitters."""
 
     def __init__(self, client: Any, batch: int, tenants: int, weights_mib: float) -> None:
+        from ..consts import freeze_const
         from .modes import scatter_named
         from .workloads import make_workload, mlp_host, run_host
 
@@ -59,6 +64,9 @@ class _Cell:
         self.xs = [self.wl.make_request(rng)["x"] for _ in range(4)]
         self.refs = [[mlp_host(**t.consts, x=x)["y"] for x in self.xs] for t in self.tenants]
         self.weights = [scatter_named(client, t.consts, broadcast=True) for t in self.tenants]
+        #: the same weights as ``freeze_const`` copies (mode ``frozen``: their
+        #: content token is taken once, not at every submission)
+        self.frozen = [{k: freeze_const(v) for k, v in t.consts.items()} for t in self.tenants]
         self._run_host, self._mlp_host = run_host, mlp_host
 
     def submit(self, mode: str, t: int, i: int) -> Any:
@@ -67,7 +75,8 @@ class _Cell:
             return self.client.submit(self._run_host, self._mlp_host, False, **self.weights[t],
                                       x=x, pure=False)
         tenant = self.tenants[t]
-        return self.client.submit_kernel_graph(self.wl.graph, {**tenant.consts, "x": x},
+        consts = self.frozen[t] if mode == "frozen" else tenant.consts
+        return self.client.submit_kernel_graph(self.wl.graph, {**consts, "x": x},
                                                tenant=tenant.name)
 
     def check(self, result: Any, t: int, i: int) -> bool:
@@ -194,20 +203,27 @@ def summarise(batch: int, clients: int, windows: dict[str, list[dict[str, Any]]]
                        for k in ("client", "scheduler", "workers", "all")},
         }
     md = out["modes"]
-    if "old" in windows and "new" in windows:
-        pairs = list(zip(windows["old"], windows["new"]))
-        out["new_over_old"] = {
-            "throughput": md["new"]["throughput"] / md["old"]["throughput"],
-            "cpu_all": md["new"]["cpu_ms"]["all"] / md["old"]["cpu_ms"]["all"],
-            "p50": _div(md["new"]["p50_ms"], md["old"]["p50_ms"]),
-            "throughput_paired": [round(n["throughput"] / o["throughput"], 3)
-                                  for o, n in pairs if o["throughput"]],
-            "cpu_all_paired": [round(n["cpu_ms"]["all"] / o["cpu_ms"]["all"], 3)
-                               for o, n in pairs if o["cpu_ms"]["all"]],
-        }
+    for mode in ("new", "frozen"):
+        if "old" in windows and mode in windows:
+            out[f"{mode}_over_old"] = _over(windows["old"], windows[mode], md["old"], md[mode])
     if "new" in windows and "plain" in windows:
         out["kaas_over_plain_p50"] = _div(md["new"]["p50_ms"], md["plain"]["p50_ms"])
     return out
+
+
+def _over(old_ws: list[dict[str, Any]], new_ws: list[dict[str, Any]], old: dict[str, Any],
+          new: dict[str, Any]) -> dict[str, Any]:
+    """A mode against ``old``: ratios of medians and each round's pair."""
+    pairs = list(zip(old_ws, new_ws))
+    return {
+        "throughput": new["throughput"] / old["throughput"],
+        "cpu_all": new["cpu_ms"]["all"] / old["cpu_ms"]["all"],
+        "p50": _div(new["p50_ms"], old["p50_ms"]),
+        "throughput_paired": [round(n["throughput"] / o["throughput"], 3)
+                              for o, n in pairs if o["throughput"]],
+        "cpu_all_paired": [round(n["cpu_ms"]["all"] / o["cpu_ms"]["all"], 3)
+                           for o, n in pairs if o["cpu_ms"]["all"]],
+    }
 
 
 def _div(a: float | None, b: float | None) -> float | None:
@@ -247,14 +263,15 @@ def format_doc(doc: dict[str, Any]) -> str:
                          f"{_f(d['p50_ms'])}{_f(d['p99_ms'])}{cpu['client']:>20.2f}"
                          f"{cpu['scheduler']:>8.2f}{cpu['workers']:>9.2f}{cpu['all']:>8.2f}"
                          f"{d['requests']:>7}{d['wrong'] + d['error_count']:>6}")
-        r = c.get("new_over_old")
-        if r:
-            lines.append(f"  {'':>13}new/old: throughput {r['throughput']:.2f}x "
-                         f"(paired {_range(r['throughput_paired'])}), CPU/req "
-                         f"{r['cpu_all']:.2f}x (paired {_range(r['cpu_all_paired'])}), "
-                         f"p50 {_f(r['p50'], '.2f', 0).strip()}x"
-                         + (f"; kaas/plain p50 {c['kaas_over_plain_p50']:.3f}x"
-                            if c.get("kaas_over_plain_p50") else ""))
+        for mode in ("new", "frozen"):
+            r = c.get(f"{mode}_over_old")
+            if r:
+                lines.append(f"  {'':>13}{mode}/old: throughput {r['throughput']:.2f}x "
+                             f"(paired {_range(r['throughput_paired'])}), CPU/req "
+                             f"{r['cpu_all']:.2f}x (paired {_range(r['cpu_all_paired'])}), "
+                             f"p50 {_f(r['p50'], '.2f', 0).strip()}x"
+                             + (f"; kaas/plain p50 {c['kaas_over_plain_p50']:.3f}x"
+                                if mode == "new" and c.get("kaas_over_plain_p50") else ""))
     for name, t in targets(doc).items():
         lines.append(f"  target {name}: {t['value']:.3f} (want {t['target']}): "
                      f"{'met' if t['met'] else 'missed'}")
