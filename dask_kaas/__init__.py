@@ -16,7 +16,7 @@ from .client import (
     submit_kernel_graph,
 )
 from .cluster import LocalKaasCluster
-from .consts import freeze_const
+from .const_identity import freeze_const
 from .device.handles import DeviceArray
 from .graph import *  # noqa: F401,F403
 from .plugin.scheduler import KaasSchedulerPlugin

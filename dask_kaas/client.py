@@ -20,7 +20,8 @@ from dask.utils import parse_timedelta
 from distributed import Client, Future, default_client
 
 from . import checks, config
-from .consts import ConstRegistry, content_token
+from .const_identity import content_token
+from .consts import ConstRegistry
 from .device.handles import DeviceArray
 from .graph.buffers import BufferKind
 from .graph.errors import (

@@ -19,7 +19,7 @@ from distributed import as_completed, wait
 
 from dask_kaas import KaasClient, KaasError, Kernel, KernelGraph, LocalKaasCluster, Out
 from dask_kaas.client import _state
-from dask_kaas.consts import content_token
+from dask_kaas.const_identity import content_token
 
 N = 32 * 1024  # 128 KiB of float32
 

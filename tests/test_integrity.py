@@ -19,7 +19,7 @@ import pytest
 
 from dask_kaas import KaasClient, Kernel, KernelGraph, LocalKaasCluster, Out
 from dask_kaas.client import _state
-from dask_kaas.consts import content_token
+from dask_kaas.const_identity import content_token
 from dask_kaas.device.backend import make_backend
 from dask_kaas.device.cache import DeviceCache, Load
 from dask_kaas.device.runtime import Identities, WorkerRuntime
@@ -367,7 +367,7 @@ def test_frozen_consts_compute_right_and_cannot_be_changed(cc):
     taken once; every way of changing it fails, its transpose is still
     another const, and the original changing leaves the frozen copy alone."""
     from dask_kaas import freeze_const
-    from dask_kaas.consts import _frozen_tokens, is_frozen
+    from dask_kaas.const_identity import _frozen_tokens, is_frozen
 
     g = matmul_graph()
     rng = np.random.default_rng(3)
@@ -398,7 +398,7 @@ def test_frozen_consts_compute_right_and_cannot_be_changed(cc):
 def test_only_arrays_nobody_can_change_count_as_frozen():
     """A read-only view of a writeable array, or an array made read-only
     whose memory something else can write, is hashed at every submission."""
-    from dask_kaas.consts import _frozen_tokens, is_frozen
+    from dask_kaas.const_identity import _frozen_tokens, is_frozen
 
     w = np.arange(16, dtype=np.float64).reshape(4, 4)
     ro = w.view()

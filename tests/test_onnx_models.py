@@ -270,7 +270,8 @@ def test_client_method_registers_a_model_from_bytes_and_refuses_junk(client, tmp
         with pytest.raises(KaasError):
             client.register_onnx_model(junk, tenant="carol")
     for bad in ({"batch": -1}, {"batch": 2**40}, {"max_graphs": "8"}, {"tenant": 5},
-                {"tenant": "x" * 10_000}):
+                {"tenant": "x" * 10_000}, {"name": 5}, {"name": "\udcff"},
+                {"name": "x" * 1_000_000}, {"name": b"\xff"}, {"name": ""}):
         with pytest.raises(KaasError):
             client.register_onnx_model(model, **bad)
 

@@ -53,7 +53,7 @@ class _Cell:
     """One (batch) setting's tenants, inputs, references and submitters."""
 
     def __init__(self, client: Any, batch: int, tenants: int, weights_mib: float) -> None:
-        from ..consts import freeze_const
+        from ..const_identity import freeze_const
         from .modes import scatter_named
         from .workloads import make_workload, mlp_host, run_host
 

@@ -512,8 +512,6 @@ def apply_variant(client: Any, variant: Variant) -> None:
                with_result=with_result)
 
 
-_apply = apply_variant
-
 
 def _cpu(client: Any, shared: bool) -> tuple[float, float, float]:
     """CPU seconds so far of this process, the scheduler's (0 when it is
@@ -540,7 +538,7 @@ def ab(client: Any, batch: int, variants: dict[str, Variant] | None = None,
         for r in range(rounds):
             names = list(variants) if r % 2 == 0 else list(reversed(variants))
             for v in names:
-                _apply(client, variants[v])
+                apply_variant(client, variants[v])
                 for p in ("kaas", "plain") if r % 2 == 0 else ("plain", "kaas"):
                     c0 = _cpu(client, shared)
                     for _ in range(per_window):
@@ -551,7 +549,7 @@ def ab(client: Any, batch: int, variants: dict[str, Variant] | None = None,
                     for i in range(3):
                         cpu[v][p][i] += c1[i] - c0[i]
     finally:
-        _apply(client, VARIANTS[DEFAULT_VARIANT])
+        apply_variant(client, VARIANTS[DEFAULT_VARIANT])
     out: dict[str, Any] = {"batch": batch, "per_variant": rounds * per_window,
                            "scheduler_in_client_process": shared, "variants": {}}
     for v in variants:

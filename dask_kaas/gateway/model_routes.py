@@ -10,7 +10,7 @@ from typing import Any
 
 from tornado.web import HTTPError
 
-from ..consts import content_token
+from ..const_identity import content_token
 from ..graph import errors as graph_errors
 from ..graph.errors import KaasError, NoKaasWorkersError
 from .admission import admit_graph

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ..consts import content_token
+from ..const_identity import content_token
 from ..graph.errors import KaasError
 from ..graph.graph import KernelGraph
 from .errors import BadRequestError, GatewayError

@@ -43,7 +43,7 @@ class Model:
     name: str
     graph: KernelGraph
     consts: dict[str, np.ndarray] = field(default_factory=dict)
-    #: the content token of each const (see dask_kaas.consts.content_token)
+    #: the content token of each const (see dask_kaas.const_identity.content_token)
     tokens: dict[str, str] = field(default_factory=dict)
 
     @property

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..graph.errors import InputMismatchError, MissingInputError, UnexpectedInputError
 from ..graph.graph import KernelGraph
-from ..graph.names import show
+from ..graph.names import name_problem, show
 from .errors import OnnxImportError
 from .importer import import_model
 from .load import dtype_of, load_model, tensor_array
@@ -38,6 +38,8 @@ class OnnxModel:
     def __init__(self, model: Any, client: Any = None, *, tenant: str = "default",
                  name: str | None = None, batch: Any = None,
                  max_graphs: int = MAX_GRAPHS) -> None:
+        if name is not None and name_problem(name):
+            raise OnnxImportError(f"a model name {name_problem(name)}")
         self.proto = load_model(model)
         self.client = client
         self.tenant = tenant
@@ -165,7 +167,6 @@ def register_onnx_model(client: Any, model: Any, *, tenant: str = "default",
     inputs by name and returns its outputs by name.  A model the table
     cannot run is refused here (UnsupportedOperatorError)."""
     from ..graph.errors import TenantError
-    from ..graph.names import name_problem
 
     problem = name_problem(tenant)
     if problem:
