@@ -7,9 +7,7 @@ the one that already holds its weights.
 
 from . import config  # noqa: F401 - registers the kaas.* Dask config defaults
 from .client import (
-    DeviceArrayFuture,
     KaasClient,
-    KernelGraphFuture,
     kaas_set_weight,
     kaas_stats,
     map_kernel_graph,
@@ -18,6 +16,7 @@ from .client import (
 from .cluster import LocalKaasCluster
 from .const_identity import freeze_const
 from .device.handles import DeviceArray
+from .futures import DeviceArrayFuture, KernelGraphFuture
 from .graph import *  # noqa: F401,F403
 from .plugin.scheduler import KaasSchedulerPlugin
 from .plugin.worker import KaasWorkerPlugin

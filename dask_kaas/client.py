@@ -23,6 +23,7 @@ from . import checks, config
 from .const_identity import content_token
 from .consts import ConstRegistry
 from .device.handles import DeviceArray
+from .futures import DeviceArrayFuture, KernelGraphFuture
 from .graph.buffers import BufferKind
 from .graph.errors import (
     GraphTooLargeError,
@@ -45,48 +46,6 @@ WORKER_WAIT_S = 10.0
 SUBMIT_SLICE = 500
 #: Default of ``kaas.client-stream-interval`` (see _ClientState.tune_stream).
 STREAM_INTERVAL = "1ms"
-
-
-def _to_host(value: Any) -> Any:
-    return value.get() if isinstance(value, DeviceArray) else value
-
-
-class DeviceArrayFuture(Future):
-    """Future of an output kept on a worker's device.
-
-    Pass it as an input to another graph (which is then placed on the worker
-    holding it) or to any Dask task; ``result()`` copies it to the host.
-    """
-
-    def result(self, timeout: Any = None) -> np.ndarray:  # type: ignore[override]
-        return np.asarray(_to_host(super().result(timeout=timeout)))
-
-
-class KernelGraphFuture(Future):
-    """Future of a submitted kernel graph.
-
-    ``result()`` is ``{output name: numpy array}``; ``fut[name]`` is the
-    :class:`DeviceArrayFuture` of an output named in ``keep_on_device``.
-    It is an ordinary Dask future otherwise: ``client.submit(f, fut)`` gets
-    the dict of outputs.
-    """
-
-    def __init__(self, key: str, client: Client, graph: str,
-                 kept: Mapping[str, DeviceArrayFuture]) -> None:
-        super().__init__(key, client)
-        self.graph = graph
-        self.kept = dict(kept)
-
-    def __getitem__(self, name: str) -> DeviceArrayFuture:
-        try:
-            return self.kept[name]
-        except KeyError:
-            raise KeyError(f"graph {self.graph!r} keeps no output {name!r} on the device; "
-                           f"kept: {sorted(self.kept)}") from None
-
-    def result(self, timeout: Any = None) -> dict[str, np.ndarray]:  # type: ignore[override]
-        out = super().result(timeout=timeout)
-        return {k: _to_host(v) for k, v in out.items()}
 
 
 class _ClientState:
