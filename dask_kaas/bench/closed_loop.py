@@ -84,17 +84,6 @@ class _Cell:
                                 rtol=1e-3, atol=1e-3))
 
 
-def _process_time() -> float:
-    return time.process_time()
-
-
-def _cpu(client: Any) -> tuple[float, float, float]:
-    """CPU seconds so far of this process, the scheduler's and the workers'."""
-    sched = client.run_on_scheduler(_process_time)
-    workers = sum(client.run(_process_time).values())
-    return time.process_time(), sched, workers
-
-
 def _window(cell: _Cell, mode: str, clients: int, seconds: float) -> dict[str, Any]:
     """``clients`` closed loops for ``seconds``, then joined."""
     lat: list[list[float]] = [[] for _ in range(clients)]
@@ -119,14 +108,16 @@ def _window(cell: _Cell, mode: str, clients: int, seconds: float) -> dict[str, A
             errors.append(f"{type(e).__name__}: {e}")
 
     threads = [threading.Thread(target=loop, args=(c,), daemon=True) for c in range(clients)]
-    c0 = _cpu(cell.client)
+    from .latency_profile import process_cpu
+
+    c0 = process_cpu(cell.client)
     w0 = time.perf_counter()
     for th in threads:
         th.start()
     for th in threads:
         th.join()
     wall = time.perf_counter() - w0
-    c1 = _cpu(cell.client)
+    c1 = process_cpu(cell.client)
     samples = [v for part in lat for v in part]
     n = len(samples)
     per = {k: (c1[j] - c0[j]) / max(n, 1) * 1000

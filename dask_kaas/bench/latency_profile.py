@@ -513,7 +513,7 @@ def apply_variant(client: Any, variant: Variant) -> None:
 
 
 
-def _cpu(client: Any, shared: bool) -> tuple[float, float, float]:
+def process_cpu(client: Any, shared: bool = False) -> tuple[float, float, float]:
     """CPU seconds so far of this process, the scheduler's (0 when it is
     this process) and the workers'."""
     sched = 0.0 if shared else client.run_on_scheduler(lambda: time.process_time())
@@ -540,12 +540,12 @@ def ab(client: Any, batch: int, variants: dict[str, Variant] | None = None,
             for v in names:
                 apply_variant(client, variants[v])
                 for p in ("kaas", "plain") if r % 2 == 0 else ("plain", "kaas"):
-                    c0 = _cpu(client, shared)
+                    c0 = process_cpu(client, shared)
                     for _ in range(per_window):
                         t0 = time.perf_counter()
                         _out(paths[p]().result())
                         lat[v][p].append(time.perf_counter() - t0)
-                    c1 = _cpu(client, shared)
+                    c1 = process_cpu(client, shared)
                     for i in range(3):
                         cpu[v][p][i] += c1[i] - c0[i]
     finally:
@@ -640,4 +640,4 @@ def run_scenario(args: Any) -> int:
 
 
 __all__ = ["run_profile", "measure_batch", "format_profile", "run_scenario", "STAGES",
-           "ab", "format_ab", "VARIANTS", "DEFAULT_VARIANT", "apply_variant"]
+           "ab", "format_ab", "VARIANTS", "DEFAULT_VARIANT", "apply_variant", "process_cpu"]
