@@ -10,7 +10,7 @@ alike:
 - ``old``: the control plane as it was before issue 20 -- Dask's own
   stream intervals (client 10 ms, scheduler->worker 5 ms), every graph held
   and released by a pass, the worker's report sent on its own;
-- ``new``: the code's defaults (see ``latency_profile.VARIANTS``);
+- ``new``: the code's defaults (see ``control_settings.VARIANTS``);
 - ``plain``: ``client.submit`` of the same NumPy work, weights scattered once
   (the Dask floor, on the same cluster and client, with the new settings);
 - ``frozen`` (on request, ``--loop-modes``): ``new`` with the weights passed
@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 MODES = ("old", "new", "plain")
-#: The settings (``latency_profile.VARIANTS``) each mode runs with; any other
+#: The settings (``control_settings.VARIANTS``) each mode runs with; any other
 #: mode named after a variant runs the kaas path with that variant.
 MODE_VARIANT = {"old": "dask", "new": "+report-with-result", "plain": "+report-with-result",
                 "frozen": "+report-with-result"}
@@ -108,7 +108,7 @@ def _window(cell: _Cell, mode: str, clients: int, seconds: float) -> dict[str, A
             errors.append(f"{type(e).__name__}: {e}")
 
     threads = [threading.Thread(target=loop, args=(c,), daemon=True) for c in range(clients)]
-    from .latency_profile import process_cpu
+    from .control_settings import process_cpu
 
     c0 = process_cpu(cell.client)
     w0 = time.perf_counter()
@@ -130,7 +130,7 @@ def _window(cell: _Cell, mode: str, clients: int, seconds: float) -> dict[str, A
 def _warm(cell: _Cell, modes: list[str]) -> None:
     """Each tenant's weights onto every worker that may run it, every path
     compiled and checked once (not measured)."""
-    from .latency_profile import DEFAULT_VARIANT, VARIANTS, apply_variant
+    from .control_settings import DEFAULT_VARIANT, VARIANTS, apply_variant
 
     apply_variant(cell.client, VARIANTS[DEFAULT_VARIANT])
     for mode in modes:
@@ -145,7 +145,7 @@ def measure(client: Any, clients: tuple[int, ...] = (1, 8, 32), batches: tuple[i
             modes: tuple[str, ...] = MODES, rounds: int = 4, window_s: float = 3.0,
             tenants: int = 8, weights_mib: float = 8.0) -> dict[str, Any]:
     """Every (batch, clients) cell, its modes in alternating windows."""
-    from .latency_profile import DEFAULT_VARIANT, VARIANTS, apply_variant
+    from .control_settings import DEFAULT_VARIANT, VARIANTS, apply_variant
 
     unknown = [m for m in modes if MODE_VARIANT.get(m, m) not in VARIANTS]
     if unknown:
