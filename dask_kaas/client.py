@@ -33,6 +33,7 @@ from .graph.errors import (
 from .graph.graph import KernelGraph
 from .limits import check_n_iter, request_timeout
 from .plugin.identity import kept_id
+from .plugin.push import PushedResults, push_limit
 from .plugin.scheduler import KaasSchedulerPlugin
 from .plugin.tasks import run_kernel_graph, select_output
 from .request import ANNOTATION, SELECT_ROLE, GraphRequest, InputRef
@@ -60,6 +61,11 @@ class _ClientState:
         self.consts = ConstRegistry(client, self.candidates)
         self.resender = Resender(client, self.consts, _submit_requests)
         self._tuned: Any = None
+        #: results pushed with their workers' reports (plugin/push.py), and
+        #: how large a result this client asks to have pushed
+        self.pushed = PushedResults(client)
+        self.pushed.install()
+        self.push_bytes = push_limit()
 
     def tune_stream(self) -> None:
         """Shorten the batching interval of the client's stream to the
@@ -211,7 +217,8 @@ def map_kernel_graph(graph: KernelGraph, inputs: Iterable[Mapping[str, Any]],
         requests.append(GraphRequest(
             key=key, graph=graph.name, tenant=tenant, inputs=refs,
             keep={name: kept_id(key, name) for name in keep}, nbytes=graph.nbytes,
-            priority=priority, weight=weight, timeout=timeout))
+            priority=priority, weight=weight, timeout=timeout,
+            push=0 if keep else state.push_bytes))
     if not requests:
         return []
     resource = state.info.get("resource", config.get("resource", "GPU"))

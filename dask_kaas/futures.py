@@ -56,3 +56,14 @@ class KernelGraphFuture(Future):
     def result(self, timeout: Any = None) -> dict[str, np.ndarray]:  # type: ignore[override]
         out = super().result(timeout=timeout)
         return {k: _to_host(v) for k, v in out.items()}
+
+    async def _result(self, raiseit: bool = True) -> Any:
+        # A result pushed with its worker's report (plugin/push.py) has
+        # arrived before the key's key-in-memory: no gather for it.
+        await self._state.wait()
+        if self.status == "finished":
+            state = getattr(self.client, "_kaas_state", None)
+            out = state.pushed.take(self.key) if state is not None else None
+            if out is not None:
+                return out
+        return await super()._result(raiseit)

@@ -40,6 +40,9 @@ class GraphRequest:
     #: Seconds the graph may run on its worker (None: the worker's
     #: ``kaas.request-timeout``); checked again by the worker.
     timeout: float | None = None
+    #: Bytes of outputs the worker may send back with its report, pushed by
+    #: the scheduler to the submitting client (0: the client gathers them).
+    push: int = 0
 
     @classmethod
     def from_annotation(cls, d: GraphRequest | dict[str, Any]) -> GraphRequest:

@@ -92,6 +92,11 @@ def submit_forged(client, **fields):
     ({"weight": -1.0}, RequestParameterError, "weight"),
     ({"graph": None}, RequestParameterError, "graph name"),
     ({"inputs": [InputRef("x", -5, None)]}, RequestParameterError, "input reference"),
+    ({"push": -1}, RequestParameterError, "push"),
+    ({"push": True}, RequestParameterError, "push"),
+    ({"push": 2**80}, RequestParameterError, "push"),
+    ({"push": "1MB"}, RequestParameterError, "push"),
+    ({"push": 1.5}, RequestParameterError, "push"),
 ])
 def test_forged_requests_are_refused_and_state_stays_readable(client, cluster, fields, error,
                                                                fragment):

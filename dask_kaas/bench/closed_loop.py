@@ -39,11 +39,13 @@ from typing import Any
 
 import numpy as np
 
+from .control_settings import DEFAULT_VARIANT
+
 MODES = ("old", "new", "plain")
 #: The settings (``control_settings.VARIANTS``) each mode runs with; any other
 #: mode named after a variant runs the kaas path with that variant.
-MODE_VARIANT = {"old": "dask", "new": "+report-with-result", "plain": "+report-with-result",
-                "frozen": "+report-with-result"}
+MODE_VARIANT = {"old": "dask", "new": DEFAULT_VARIANT, "plain": DEFAULT_VARIANT,
+                "frozen": DEFAULT_VARIANT}
 #: Seconds the load generator process may take to start and warm up.
 START_TIMEOUT_S = 180.0
 

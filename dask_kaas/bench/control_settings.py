@@ -11,21 +11,23 @@ from typing import Any
 
 #: name -> (client stream ms, scheduler->worker stream ms, release at
 #: submission, worker->scheduler stream ms or None to leave it (Dask's 2 ms),
-#: the KaaS report with Dask's task-finished).  "dask" is how the code ran
-#: before these settings: Dask's own intervals, every graph held and released
-#: by a pass, the report sent on its own a tick before task-finished.
-Variant = tuple[float, float, bool, "float | None", bool]
+#: the KaaS report with Dask's task-finished, results pushed with the
+#: report).  "dask" is how the code ran before these settings: Dask's own
+#: intervals, every graph held and released by a pass, the report sent on
+#: its own a tick before task-finished, every result gathered.
+Variant = tuple[float, float, bool, "float | None", bool, bool]
 VARIANTS: dict[str, Variant] = {
-    "dask": (10.0, 5.0, False, None, False),
-    "client-interval": (1.0, 5.0, False, None, False),
-    "+worker-interval": (1.0, 1.0, False, None, False),
-    "+at-submit": (1.0, 1.0, True, None, False),
-    "+report-with-result": (1.0, 1.0, True, None, True),
+    "dask": (10.0, 5.0, False, None, False, False),
+    "client-interval": (1.0, 5.0, False, None, False, False),
+    "+worker-interval": (1.0, 1.0, False, None, False, False),
+    "+at-submit": (1.0, 1.0, True, None, False, False),
+    "+report-with-result": (1.0, 1.0, True, None, True, False),
+    "+push-result": (1.0, 1.0, True, None, True, True),
     # Not in the code: the workers' own stream to the scheduler at 1 ms too.
-    "+worker-stream-1ms": (1.0, 1.0, True, 1.0, True),
+    "+worker-stream-1ms": (1.0, 1.0, True, 1.0, True, True),
 }
 #: The settings the code runs with by default.
-DEFAULT_VARIANT = "+report-with-result"
+DEFAULT_VARIANT = "+push-result"
 
 
 def _sched_settings(dask_scheduler: Any, worker_ms: float, at_submit: bool) -> float:
@@ -50,11 +52,14 @@ def apply_variant(client: Any, variant: Variant) -> None:
     """Switch the control-plane settings of ``client``, its scheduler and
     every worker live (the client's stream: this client only)."""
     from ..client import _state
+    from ..plugin.push import push_limit
 
-    client_ms, worker_ms, at_submit, report_ms, with_result = variant
+    client_ms, worker_ms, at_submit, report_ms, with_result, push = variant
     comm = client.scheduler_comm
     comm.interval = client_ms / 1000
-    _state(client)._tuned = comm  # tune_stream leaves this setting alone
+    state = _state(client)
+    state._tuned = comm  # tune_stream leaves this setting alone
+    state.push_bytes = push_limit() if push else 0
     client.run_on_scheduler(_sched_settings, worker_ms=worker_ms, at_submit=at_submit)
     client.run(_worker_settings, ms=report_ms if report_ms is not None else 2.0,
                with_result=with_result)

@@ -13,8 +13,9 @@ would deadlock.  So:
 * ``submit_kernel_graph`` runs in a small thread pool (it returns as soon as
   the graph is sent; only its occasional scheduler RPCs block, and they block
   a pool thread, not the HTTP loop);
-* the result is awaited *on the client's loop* with
-  ``client.gather(future, asynchronous=True)`` handed over by
+* the result is awaited *on the client's loop* with the future's own
+  coroutine (``KernelGraphFuture._result``: a result pushed with its
+  worker's report needs no gather) handed over by
   ``asyncio.run_coroutine_threadsafe``: no thread waits per request, so
   thousands of requests may be in flight;
 * on timeout or when the HTTP caller goes away the Dask future is cancelled
@@ -142,7 +143,7 @@ class Dispatcher:
                                                   **limit)
             # start waiting on the client's loop now, not after a hop back to this one
             return fut, asyncio.run_coroutine_threadsafe(
-                self.client.gather(fut, asynchronous=True), self.client.loop.asyncio_loop)
+                fut._result(), self.client.loop.asyncio_loop)
 
         # asyncio.wait, not wait_for: on Python < 3.12 wait_for can swallow a
         # cancellation that races with completion, and a caller that hung up
@@ -186,7 +187,7 @@ class Dispatcher:
     def _abandon(self, fut: Future, waiting: asyncio.Future) -> None:
         """Nobody waits for this request any more: cancel its Dask future.
 
-        The gather is left to end by itself (the cancellation makes it raise
+        The wait is left to end by itself (the cancellation makes it raise
         at once) rather than cancelled from outside, which would make
         distributed log an error from inside ``Client._gather``; its outcome
         is read here so that asyncio does not log it as never retrieved."""

@@ -42,6 +42,8 @@ DEFAULT_TENANT = "default"
 #: Where statistics go that arrive with an unusable tenant name (a forged
 #: worker report): counted, never a key that breaks sorting or JSON.
 INVALID_TENANT = "<invalid>"
+#: Largest result a request may ask to have pushed through the scheduler.
+MAX_PUSH_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,10 @@ def admit(scheduler: Scheduler, client: Any, meta: Any) -> GraphRequest:
         raise RequestParameterError(f"graph name {problem}")
     checks.check_priority(request.priority, request.graph)
     checks.check_weight(request.weight, request.graph)
+    push = request.push
+    if isinstance(push, bool) or not isinstance(push, int) or not 0 <= push <= MAX_PUSH_BYTES:
+        raise RequestParameterError(f"push must be a byte count from 0 to {MAX_PUSH_BYTES}, "
+                                    f"got {show(push)}", graph=request.graph)
     for ref in request.inputs:
         if (isinstance(ref.nbytes, bool) or not isinstance(ref.nbytes, int) or ref.nbytes < 0
                 or not (ref.buffer_id is None or isinstance(ref.buffer_id, str))):

@@ -49,6 +49,7 @@ class HandlersMixin(_Base):
                                                                    key=lambda kv: str(kv[0]))},
             "weights": dict(self.dispatch.queue.share.weights),
             "dispatch": self.dispatch.snapshot(),
+            "pushed_results": self.pushed,
         }
 
     async def refresh_worker_stats(self) -> None:

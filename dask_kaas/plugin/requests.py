@@ -55,6 +55,8 @@ class RequestRecord:
     outcome: str | None = None
     #: Queued or running now: in flight, or being recomputed after an OK end.
     running: bool = True
+    #: The client (as the scheduler saw it submit) its result is pushed to.
+    push_to: str | None = None
 
     @property
     def done(self) -> bool:

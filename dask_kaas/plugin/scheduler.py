@@ -33,6 +33,7 @@ from .placement import (
     WorkerView,
     make_policy,
 )
+from .push import forward_result
 from .requests import RequestBook, RequestRecord
 from .restart import RestartGuard
 from .stats import TenantStats
@@ -85,6 +86,8 @@ class KaasSchedulerPlugin(HandlersMixin, SchedulerPlugin):
         #: Recent placement decisions with every candidate's expected
         #: completion time, for "why did it go there?".
         self.decisions: deque[dict[str, Any]] = deque(maxlen=1000)
+        #: results forwarded to their clients with the report (plugin/push.py)
+        self.pushed = 0
 
     def __getstate__(self) -> dict[str, Any]:
         # Sent to the scheduler when registered from a client: settings only.
@@ -208,6 +211,8 @@ class KaasSchedulerPlugin(HandlersMixin, SchedulerPlugin):
             if key in self.requests:
                 continue
             rec = self.book.admit(key, request, now)
+            if request.push:
+                rec.push_to = kwargs.get("client")
             if request.weight is not None:
                 try:
                     self.dispatch.queue.set_weight(request.tenant, request.weight)
@@ -319,9 +324,13 @@ class KaasSchedulerPlugin(HandlersMixin, SchedulerPlugin):
             else:
                 self.directory.removed(worker, bid)
         for report in reports or ():
+            result = report.pop("result", None)
+            rec = self.requests.get(report.get("key"))
+            if result is not None and rec is not None and rec.push_to is not None:
+                self.pushed += forward_result(s, worker, report.get("key"), result,
+                                              rec.push_to)
             self.costs.observe(report, worker)
             self._observe_dispatch(worker, report)
-            rec = self.requests.get(report.get("key"))
             if rec is not None:
                 rec.report = report
             # The tenant the scheduler admitted, not the one the report carries.

@@ -16,6 +16,7 @@ from ..graph.graph import KernelGraph
 from ..limits import request_timeout
 from ..request import GraphRequest
 from .identity import running_identities
+from .push import attach_result
 from .worker import RescheduledError, worker_runtime
 
 
@@ -40,6 +41,7 @@ def run_kernel_graph(graph: KernelGraph, request: GraphRequest, *values: Any) ->
     except BaseException as e:  # noqa: BLE001 - the worker lives on, whatever happened
         failure = user_failure(KernelExecutionError, "request failed", e, graph=name)
     else:
+        attach_result(report, outputs, request.push)
         plugin.report(report)
         return outputs
     plugin.report(getattr(failure, "report", None) or {

@@ -1,0 +1,136 @@
+"""Small results pushed to the waiting client with the worker's report.
+
+Why: a client waiting for a result otherwise asks the scheduler to gather
+it and the scheduler asks the worker (Dask's default, ``direct=False``) --
+a round trip through both, per request, after the result is already known,
+and on a loaded machine about a millisecond of CPU.  A finished graph's
+report already travels worker -> scheduler in the same write as Dask's
+task-finished (``kaas.report-with-result``).  An output dict of host arrays
+no larger than the request's ``push`` (the client's
+``kaas.push-result-bytes``) goes in that report; the scheduler forwards it,
+still serialized, to the client that submitted the request, on that
+client's stream, ahead of Dask's own ``key-in-memory`` for the key (same
+stream, same order).  ``KernelGraphFuture.result()`` takes it from there
+instead of gathering.
+
+Always a shortcut, never the only way: a result that is not pushed (too
+large, kept on the device, the report went separately, the client
+reconnected) is gathered as before, and the worker keeps its copy as Dask
+does, for other tasks and for ``client.gather``.  Only the client that
+submitted the request and still wants the key, as the scheduler saw it,
+receives it, and only from the worker processing the key.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from distributed.protocol import to_serialize
+
+from .. import config
+
+if TYPE_CHECKING:
+    from distributed import Client, Scheduler
+
+#: The client stream op that carries a pushed result.
+PUSH_OP = "kaas-result"
+#: Default of ``kaas.push-result-bytes``.
+DEFAULT_PUSH_BYTES = 256 * 1024
+#: Bytes of pushed results a client keeps for futures not read yet (the
+#: oldest go first and are gathered when read).
+STORE_BYTES = 64 << 20
+
+
+def push_limit() -> int:
+    """The client's ``kaas.push-result-bytes`` (0 or less: no pushes)."""
+    from dask.utils import parse_bytes
+
+    value = config.get("push-result-bytes", DEFAULT_PUSH_BYTES)
+    try:
+        n = int(parse_bytes(value)) if isinstance(value, str) else int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+    return max(n, 0)
+
+
+# -- worker ------------------------------------------------------------------
+def attach_result(report: dict[str, Any], outputs: dict[str, Any], limit: Any) -> None:
+    """Put ``outputs`` in the report if they are host arrays within ``limit``
+    bytes (a kept output is a device handle, never pushed)."""
+    if not isinstance(limit, int) or limit <= 0:
+        return
+    total = 0
+    for value in outputs.values():
+        if type(value) is not np.ndarray:
+            return
+        total += value.nbytes
+    if total <= limit:
+        report["result"] = to_serialize(outputs)
+
+
+# -- scheduler ---------------------------------------------------------------
+def forward_result(scheduler: Scheduler, worker: str, key: Any, result: Any,
+                   client: str | None) -> bool:
+    """Send a pushed result on to ``client`` if the key is processing on
+    ``worker`` and the client still wants it; False if it was not sent."""
+    if client is None:
+        return False
+    ts = scheduler.tasks.get(key)
+    if ts is None or ts.processing_on is None or ts.processing_on.address != worker:
+        return False
+    if not any(cs.client_key == client for cs in ts.who_wants or ()):
+        return False
+    bcomm = scheduler.client_comms.get(client)
+    if bcomm is None:
+        return False
+    bcomm.send({"op": PUSH_OP, "key": key, "result": result})
+    return True
+
+
+# -- client ------------------------------------------------------------------
+class PushedResults:
+    """The results pushed to one client, until their futures read them."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.results: dict[Any, tuple[dict[str, Any], int]] = {}
+        self.nbytes = 0
+        #: results taken by a future instead of a gather (for tests, stats)
+        self.taken = 0
+
+    def install(self) -> None:
+        """Take ``kaas-result`` messages on this client's stream (idempotent)."""
+        self.client._stream_handlers[PUSH_OP] = self.receive
+
+    def receive(self, key: Any = None, result: Any = None, **kwargs: Any) -> None:
+        """On the client's event loop, before the key's ``key-in-memory``."""
+        if key not in self.client.futures or not isinstance(result, dict):
+            return
+        size = sum(int(getattr(v, "nbytes", 0)) for v in result.values())
+        self._drop(key)
+        self.results[key] = (result, size)
+        self.nbytes += size
+        if self.nbytes > STORE_BYTES or len(self.results) > 1024:
+            self._trim()
+
+    def take(self, key: Any) -> dict[str, Any] | None:
+        """The pushed outputs of ``key`` (once), or None: gather them."""
+        entry = self.results.pop(key, None)
+        if entry is None:
+            return None
+        self.nbytes -= entry[1]
+        self.taken += 1
+        return entry[0]
+
+    def _drop(self, key: Any) -> None:
+        entry = self.results.pop(key, None)
+        if entry is not None:
+            self.nbytes -= entry[1]
+
+    def _trim(self) -> None:
+        """Forget results of released futures, then the oldest over the cap."""
+        for key in [k for k in self.results if k not in self.client.futures]:
+            self._drop(key)
+        while self.results and (self.nbytes > STORE_BYTES or len(self.results) > 1024):
+            self._drop(next(iter(self.results)))

@@ -1,0 +1,186 @@
+"""Results pushed to the submitting client with the worker's report
+(plugin/push.py, issue 20): the value is the one the graph computed, no
+gather goes to the scheduler for it, and everything the shortcut does not
+cover (large results, kept outputs, failures, other clients) still works
+through Dask's own path."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pytest
+from distributed import Client
+
+from dask_kaas import Kernel, KernelGraph, Out
+from dask_kaas.graph.errors import KaasError
+from dask_kaas.plugin.push import PUSH_OP, STORE_BYTES, PushedResults
+
+N = 64
+
+
+def affine(xp, x, w, y):
+    if float(x[0]) < 0:
+        raise ValueError("negative input")
+    if float(x[0]) >= 1000:  # slow: another client can ask for it meanwhile
+        time.sleep(0.5)
+    y[...] = 3 * x + w
+
+
+def graph(n: int = N, name: str = "push-affine") -> KernelGraph:
+    g = KernelGraph(name)
+    x = g.input("x", (n,), np.float32)
+    w = g.const("w", (n,), np.float32)
+    y = g.output("y", (n,), np.float32)
+    g.launch(Kernel.array(affine), [x, w, Out(y)])
+    return g
+
+
+def _count_gathers(dask_scheduler):
+    """Count the scheduler's gather calls from now on (a wrapper around
+    Dask's own handler; it still does the work)."""
+    inner = dask_scheduler.handlers["gather"]
+    calls = dask_scheduler._kaas_test_gathers = []
+
+    async def gather(*args, **kwargs):
+        calls.append(kwargs.get("keys"))
+        return await inner(*args, **kwargs)
+
+    gather.inner = inner
+    dask_scheduler.handlers["gather"] = gather
+
+
+def _gathers(dask_scheduler):
+    calls = dask_scheduler._kaas_test_gathers
+    dask_scheduler.handlers["gather"] = dask_scheduler.handlers["gather"].inner
+    return [k for keys in calls for k in keys or ()]
+
+
+def test_results_are_pushed_match_numpy_and_are_not_gathered(client):
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal(N).astype(np.float32)
+    xs = [np.abs(rng.standard_normal(N)).astype(np.float32) for _ in range(12)]
+    pushed0 = client.kaas_stats()["pushed_results"]
+    taken0 = client._kaas_state.pushed.taken
+    client.run_on_scheduler(_count_gathers)
+    try:
+        futs = [client.submit_kernel_graph(graph(), {"x": x, "w": w}, tenant="push")
+                for x in xs]
+        outs = [f.result(timeout=60) for f in futs]
+    finally:
+        gathered = client.run_on_scheduler(_gathers)
+    for x, out in zip(xs, outs):
+        np.testing.assert_allclose(out["y"], 3 * x + w, rtol=1e-6)
+        assert out["y"].dtype == np.float32 and out["y"].shape == (N,)
+    state = client._kaas_state
+    assert state.pushed.taken - taken0 == len(xs)
+    assert client.kaas_stats()["pushed_results"] - pushed0 == len(xs)
+    assert not set(gathered) & {f.key for f in futs}, gathered
+    # the worker keeps its copy: Dask's gather still returns the same value
+    again = client.gather(futs[0])
+    np.testing.assert_allclose(again["y"], outs[0]["y"])
+    # read twice: the second read gathers, same value
+    np.testing.assert_allclose(futs[1].result()["y"], outs[1]["y"])
+
+
+def test_a_result_above_the_limit_is_gathered(client):
+    rng = np.random.default_rng(2)
+    big = 4096  # 16 KiB of float32 output
+    w = rng.standard_normal(big).astype(np.float32)
+    x = np.abs(rng.standard_normal(big)).astype(np.float32)
+    client.submit_kernel_graph(graph(big), {"x": x, "w": w}, tenant="push").result()
+    state = client._kaas_state
+    old = state.push_bytes
+    state.push_bytes = big * 4 - 1
+    taken0 = state.pushed.taken
+    client.run_on_scheduler(_count_gathers)
+    try:
+        fut = client.submit_kernel_graph(graph(big), {"x": x, "w": w}, tenant="push")
+        out = fut.result(timeout=60)
+    finally:
+        gathered = client.run_on_scheduler(_gathers)
+        state.push_bytes = old
+    np.testing.assert_allclose(out["y"], 3 * x + w, rtol=1e-6)
+    assert state.pushed.taken == taken0
+    assert fut.key in gathered
+    # at the limit exactly, it is pushed
+    state.push_bytes = big * 4
+    try:
+        out = client.submit_kernel_graph(graph(big), {"x": x, "w": w},
+                                         tenant="push").result(timeout=60)
+    finally:
+        state.push_bytes = old
+    np.testing.assert_allclose(out["y"], 3 * x + w, rtol=1e-6)
+    assert state.pushed.taken == taken0 + 1
+
+
+def test_kept_outputs_and_failures_take_dask_s_path(client):
+    w = np.ones(N, np.float32)
+    x = np.full(N, 2, np.float32)
+    fut = client.submit_kernel_graph(graph(), {"x": x, "w": w}, tenant="push",
+                                     keep_on_device=["y"])
+    taken0 = client._kaas_state.pushed.taken
+    np.testing.assert_allclose(fut.result(timeout=60)["y"], 7)
+    np.testing.assert_allclose(fut["y"].result(timeout=60), 7)
+    assert client._kaas_state.pushed.taken == taken0
+    bad = client.submit_kernel_graph(graph(), {"x": -x, "w": w}, tenant="push")
+    with pytest.raises(KaasError, match="negative input"):
+        bad.result(timeout=60)
+    assert client._kaas_state.pushed.taken == taken0
+
+
+def test_another_client_wanting_the_key_is_not_pushed_to(client, cluster, caplog):
+    """Only the submitter, as the scheduler saw it, receives the push: a
+    plain Dask client holding a future of the same key gathers it and gets
+    no message it has no handler for."""
+    w = np.ones(N, np.float32)
+    x = np.full(N, 1000, np.float32)
+    with Client(cluster, set_as_default=False) as other:
+        assert PUSH_OP not in other._stream_handlers
+        slow = client.submit_kernel_graph(graph(), {"x": x, "w": w}, tenant="push")
+        name = f"push-{slow.key}"
+        client.publish_dataset(slow, name=name)
+        theirs = other.get_dataset(name)
+        with caplog.at_level(logging.ERROR, logger="distributed.client"):
+            np.testing.assert_allclose(theirs.result(timeout=60)["y"], 3001)
+            np.testing.assert_allclose(slow.result(timeout=60)["y"], 3001)
+        assert not [r for r in caplog.records if PUSH_OP in r.getMessage()]
+        client.unpublish_dataset(name)
+        del theirs
+
+
+class _ClientLike:
+    """What PushedResults reads of a client: its futures and stream handlers."""
+
+    def __init__(self) -> None:
+        self.futures: dict = {}
+        self._stream_handlers: dict = {}
+
+
+def test_pushed_store_keeps_only_wanted_keys_within_its_cap():
+    c = _ClientLike()
+    store = PushedResults(c)  # type: ignore[arg-type]
+    store.install()
+    assert c._stream_handlers[PUSH_OP] == store.receive
+    arr = np.zeros(1024, np.float32)
+    store.receive(key="unknown", result={"y": arr})  # nobody's future: dropped
+    assert store.results == {}
+    c.futures["a"] = object()
+    store.receive(key="a", result="not a dict")  # hostile payload: dropped
+    store.receive(key="a", result={"y": arr})
+    store.receive(key="a", result={"y": arr})  # sent again: replaced, counted once
+    assert store.nbytes == arr.nbytes
+    assert store.take("a")["y"] is arr and store.take("a") is None
+    assert store.nbytes == 0 and store.taken == 1
+    # over the byte cap the oldest go first; released futures before that
+    big = np.zeros(STORE_BYTES // 4 // 4 + 1, np.float32)
+    for k in "bcdef":
+        c.futures[k] = object()
+        store.receive(key=k, result={"y": big})
+    assert store.nbytes <= STORE_BYTES
+    assert "f" in store.results and "b" not in store.results
+    del c.futures["f"]
+    c.futures["g"] = object()
+    store.receive(key="g", result={"y": big})
+    assert "f" not in store.results and {"d", "e", "g"} <= set(store.results)
