@@ -21,6 +21,7 @@ from distributed import Client, Future, default_client
 
 from . import checks, config
 from .const_identity import content_token
+from .coalesce import SubmitCoalescer
 from .consts import ConstRegistry
 from .device.handles import DeviceArray
 from .futures import DeviceArrayFuture, KernelGraphFuture
@@ -66,6 +67,9 @@ class _ClientState:
         self.pushed = PushedResults(client)
         self.pushed.install()
         self.push_bytes = push_limit()
+        #: concurrent submissions from several threads go in one message
+        self.coalescer = SubmitCoalescer(_submit_requests, SUBMIT_SLICE)
+        self.coalesce = bool(config.get("coalesce-submissions", True))
 
     def tune_stream(self) -> None:
         """Shorten the batching interval of the client's stream to the
@@ -228,8 +232,8 @@ def map_kernel_graph(graph: KernelGraph, inputs: Iterable[Mapping[str, Any]],
     for lo in range(0, len(requests), SUBMIT_SLICE):
         hi = lo + SUBMIT_SLICE
         part = [col[lo:hi] for col in columns]
-        sliced = _submit_requests(client, graph, requests[lo:hi], part, keep, priority,
-                                  resource)
+        send = state.coalescer.submit if state.coalesce else _submit_requests
+        sliced = send(client, graph, requests[lo:hi], part, keep, priority, resource)
         state.track(sliced, graph, requests[lo:hi], part, keep, priority, resource)
         futs += sliced
     return futs

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -45,6 +46,11 @@ class Buffer:
     @property
     def is_input(self) -> bool:
         return self.kind in (BufferKind.INPUT, BufferKind.CONST)
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Without its owner: a graph pickles its buffers itself and gives
+        # them back their owner when loaded (graph/shared.py).
+        return (Buffer, (self.name, self.shape, self.dtype, self.kind))
 
     def same_as(self, other: Buffer) -> bool:
         """Equal description (name, shape, dtype, kind), ignoring ownership."""

@@ -32,6 +32,7 @@ from .launch import (
 )
 from .library import BUILTINS, LibraryArgError
 from .names import name_problem
+from .shared import forget_blob, reduce_graph
 
 
 class KernelGraph:
@@ -69,6 +70,7 @@ class KernelGraph:
             buf = Buffer(name, normalize_shape(shape), normalize_dtype(dtype), kind, owner=self)
         except (TypeError, ValueError) as e:
             raise GraphError(str(e), graph=self.name, buffer=name) from None
+        forget_blob(self)
         self.buffers[name] = buf
         return buf
 
@@ -148,6 +150,7 @@ class KernelGraph:
             raise fail(LaunchConfigError,
                        f"shared_mem must be an int in 0..{MAX_SHARED_MEM}, got {shared_mem!r}")
         launch = Launch(kernel, tuple(parsed), g, b, int(shared_mem))
+        forget_blob(self)
         self.launches.append(launch)
         return launch
 
@@ -298,6 +301,12 @@ class KernelGraph:
         from ..onnx import from_onnx
 
         return from_onnx(model, batch=batch, name=name)
+
+    # -- pickling ------------------------------------------------------
+    def __reduce__(self) -> tuple[Any, tuple[Any]]:
+        # As the bytes of its description: a receiving process keeps one
+        # instance per distinct graph (see graph/shared.py).
+        return reduce_graph(self)
 
     # -- comparison ----------------------------------------------------
     def __eq__(self, other: object) -> bool:
