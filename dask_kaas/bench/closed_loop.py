@@ -112,6 +112,10 @@ def _window(cell: _Cell, mode: str, clients: int, seconds: float) -> dict[str, A
     threads = [threading.Thread(target=loop, args=(c,), daemon=True) for c in range(clients)]
     from .control_settings import process_cpu
 
+    from ..client import _state
+
+    co = _state(cell.client).coalescer
+    m0, r0 = co.messages, co.requests
     c0 = process_cpu(cell.client)
     w0 = time.perf_counter()
     for th in threads:
@@ -125,7 +129,9 @@ def _window(cell: _Cell, mode: str, clients: int, seconds: float) -> dict[str, A
     per = {k: (c1[j] - c0[j]) / max(n, 1) * 1000
            for j, k in enumerate(("client", "scheduler", "workers"))}
     per["all"] = sum(per.values())
-    return {"mode": mode, "n": n, "wall_s": wall, "throughput": n / wall if wall else 0.0,
+    sent = co.requests - r0  # through the coalescer: requests per message
+    return {"mode": mode, "n": n, "wall_s": wall,
+            "per_message": sent / (co.messages - m0) if sent else None, "throughput": n / wall if wall else 0.0,
             "latencies": samples, "wrong": sum(bad), "errors": errors, "cpu_ms": per}
 
 
@@ -192,6 +198,8 @@ def summarise(batch: int, clients: int, windows: dict[str, list[dict[str, Any]]]
             "throughput_windows": [round(w["throughput"], 1) for w in ws],
             "p50_ms": float(np.percentile(lat, 50)) if lat.size else None,
             "p99_ms": float(np.percentile(lat, 99)) if lat.size else None,
+            "per_message": _median([w["per_message"] for w in ws
+                                    if w.get("per_message") is not None]),
             "cpu_ms": {k: statistics.median(w["cpu_ms"][k] for w in ws)
                        for k in ("client", "scheduler", "workers", "all")},
         }
@@ -217,6 +225,10 @@ def _over(old_ws: list[dict[str, Any]], new_ws: list[dict[str, Any]], old: dict[
         "cpu_all_paired": [round(n["cpu_ms"]["all"] / o["cpu_ms"]["all"], 3)
                            for o, n in pairs if o["cpu_ms"]["all"]],
     }
+
+
+def _median(vs: list[float]) -> float | None:
+    return statistics.median(vs) if vs else None
 
 
 def _div(a: float | None, b: float | None) -> float | None:
@@ -248,14 +260,15 @@ def format_doc(doc: dict[str, Any]) -> str:
              "medians over windows, p50/p99 over all requests"]
     lines.append(f"  {'batch':>5}{'clients':>8}{'mode':>7}{'req/s':>9}{'p50 ms':>9}"
                  f"{'p99 ms':>9}{'CPU ms/req: client':>20}{'sched':>8}{'workers':>9}"
-                 f"{'all':>8}{'reqs':>7}{'wrong':>6}")
+                 f"{'all':>8}{'reqs':>7}{'wrong':>6}{'req/msg':>8}")
     for c in doc["cells"]:
         for m, d in c["modes"].items():
             cpu = d["cpu_ms"]
             lines.append(f"  {c['batch']:>5}{c['clients']:>8}{m:>7}{d['throughput']:>9.1f}"
                          f"{_f(d['p50_ms'])}{_f(d['p99_ms'])}{cpu['client']:>20.2f}"
                          f"{cpu['scheduler']:>8.2f}{cpu['workers']:>9.2f}{cpu['all']:>8.2f}"
-                         f"{d['requests']:>7}{d['wrong'] + d['error_count']:>6}")
+                         f"{d['requests']:>7}{d['wrong'] + d['error_count']:>6}"
+                         f"{_f(d.get('per_message'), '.2f', 8)}")
         for mode in ("new", "frozen"):
             r = c.get(f"{mode}_over_old")
             if r:
