@@ -20,8 +20,8 @@ from dask.utils import parse_timedelta
 from distributed import Client, Future, default_client
 
 from . import checks, config
-from .const_identity import content_token
 from .coalesce import SubmitCoalescer
+from .const_identity import content_token
 from .consts import ConstRegistry
 from .device.handles import DeviceArray
 from .futures import DeviceArrayFuture, KernelGraphFuture

@@ -75,7 +75,7 @@ def test_callers_queued_behind_a_send_share_the_next_message():
     assert co.requests == 8 and co.messages < 8
     merged = [c for c in send.calls if len(c[1]) > 1]
     assert merged
-    for graph, reqs, cols, _, _ in send.calls:  # columns stay aligned with requests
+    for _, reqs, cols, _, _ in send.calls:  # columns stay aligned with requests
         assert cols == [[r.replace("r", "x") for r in reqs], [r.replace("r", "w") for r in reqs]]
 
 

@@ -110,9 +110,8 @@ def _window(cell: _Cell, mode: str, clients: int, seconds: float) -> dict[str, A
             errors.append(f"{type(e).__name__}: {e}")
 
     threads = [threading.Thread(target=loop, args=(c,), daemon=True) for c in range(clients)]
-    from .control_settings import process_cpu
-
     from ..client import _state
+    from .control_settings import process_cpu
 
     co = _state(cell.client).coalescer
     m0, r0 = co.messages, co.requests
@@ -131,7 +130,8 @@ def _window(cell: _Cell, mode: str, clients: int, seconds: float) -> dict[str, A
     per["all"] = sum(per.values())
     sent = co.requests - r0  # through the coalescer: requests per message
     return {"mode": mode, "n": n, "wall_s": wall,
-            "per_message": sent / (co.messages - m0) if sent else None, "throughput": n / wall if wall else 0.0,
+            "per_message": sent / (co.messages - m0) if sent else None,
+            "throughput": n / wall if wall else 0.0,
             "latencies": samples, "wrong": sum(bad), "errors": errors, "cpu_ms": per}
 
 
