@@ -184,3 +184,56 @@ def test_pushed_store_keeps_only_wanted_keys_within_its_cap():
     c.futures["g"] = object()
     store.receive(key="g", result={"y": big})
     assert "f" not in store.results and {"d", "e", "g"} <= set(store.results)
+
+
+def _hold_scheduler_tick(dask_scheduler):
+    dask_scheduler.extensions["kaas"]._periodic.stop()
+
+
+def _hold_worker_tick(dask_worker):
+    from dask_kaas.plugin.worker import PLUGIN_NAME
+
+    dask_worker.plugins[PLUGIN_NAME]._callback.stop()
+
+
+def _results_on_scheduler(dask_scheduler, tick=False):
+    """How many pushed results the scheduler's logs of recent messages to
+    clients hold (after two ticks of the plugin if ``tick``, which is then
+    started again)."""
+    ext = dask_scheduler.extensions["kaas"]
+    if tick:
+        ext._tick()
+        ext._tick()
+        ext._periodic.start()
+    logs = [b.recent_message_log for b in dask_scheduler.client_comms.values()]
+    return sum(1 for log in logs for payload in log if isinstance(payload, list)
+               for m in payload if m.get("op") == PUSH_OP and "result" in m)
+
+
+def _results_on_worker(dask_worker, tick=False):
+    from dask_kaas.plugin.worker import PLUGIN_NAME, UPDATE_OP
+
+    plugin = dask_worker.plugins[PLUGIN_NAME]
+    if tick:
+        plugin._periodic_flush()
+        plugin._periodic_flush()
+        plugin._callback.start()
+    return sum(1 for payload in dask_worker.batched_stream.recent_message_log
+               if isinstance(payload, list) for m in payload if m.get("op") == UPDATE_OP
+               for r in m.get("reports") or () if "result" in r)
+
+
+def test_pushed_data_leaves_dask_s_logs_of_recent_messages(client):
+    """Dask keeps each stream's last 1,000 payloads: the results in them are
+    dropped a tick or two after they were sent, on the scheduler and workers."""
+    client.run_on_scheduler(_hold_scheduler_tick)
+    client.run(_hold_worker_tick)
+    w = np.ones(N, np.float32)
+    for i in range(6):
+        x = np.full(N, i, np.float32)
+        out = client.submit_kernel_graph(graph(), {"x": x, "w": w}, tenant="push").result(60)
+        np.testing.assert_allclose(out["y"], 3 * x + 1)
+    assert client.run_on_scheduler(_results_on_scheduler) >= 6
+    assert sum(client.run(_results_on_worker).values()) >= 6
+    assert client.run_on_scheduler(_results_on_scheduler, tick=True) == 0
+    assert sum(client.run(_results_on_worker, tick=True).values()) == 0

@@ -54,6 +54,33 @@ def push_limit() -> int:
     return max(n, 0)
 
 
+class SentResults:
+    """Drops the data of pushed results from messages already sent.
+
+    Why: Dask keeps each batched stream's last 1,000 payloads (under 1 MB
+    each) for debugging, and with them the results they carried: up to
+    1,000 x ``push-result-bytes`` per stream, on the scheduler for every
+    client and on every worker.  A message's result is removed from it one
+    to two ticks (``tick``) after it was handed to the stream; one not
+    written by then leaves without it, and its client gathers instead.
+    """
+
+    def __init__(self) -> None:
+        self._recent: list[dict[str, Any]] = []
+        self._older: list[dict[str, Any]] = []
+
+    def sent(self, msg: dict[str, Any]) -> None:
+        self._recent.append(msg)
+
+    def tick(self) -> None:
+        for msg in self._older:
+            msg.pop("result", None)
+        self._older, self._recent = self._recent, []
+
+    def __len__(self) -> int:
+        return len(self._recent) + len(self._older)
+
+
 # -- worker ------------------------------------------------------------------
 def attach_result(report: dict[str, Any], outputs: dict[str, Any], limit: Any) -> None:
     """Put ``outputs`` in the report if they are host arrays within ``limit``
@@ -71,7 +98,7 @@ def attach_result(report: dict[str, Any], outputs: dict[str, Any], limit: Any) -
 
 # -- scheduler ---------------------------------------------------------------
 def forward_result(scheduler: Scheduler, worker: str, key: Any, result: Any,
-                   client: str | None) -> bool:
+                   client: str | None, sent: SentResults) -> bool:
     """Send a pushed result on to ``client`` if the key is processing on
     ``worker`` and the client still wants it; False if it was not sent."""
     if client is None:
@@ -84,7 +111,9 @@ def forward_result(scheduler: Scheduler, worker: str, key: Any, result: Any,
     bcomm = scheduler.client_comms.get(client)
     if bcomm is None:
         return False
-    bcomm.send({"op": PUSH_OP, "key": key, "result": result})
+    msg = {"op": PUSH_OP, "key": key, "result": result}
+    bcomm.send(msg)
+    sent.sent(msg)
     return True
 
 

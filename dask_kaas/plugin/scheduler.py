@@ -33,7 +33,7 @@ from .placement import (
     WorkerView,
     make_policy,
 )
-from .push import forward_result
+from .push import SentResults, forward_result
 from .requests import RequestBook, RequestRecord
 from .restart import RestartGuard
 from .stats import TenantStats
@@ -88,6 +88,7 @@ class KaasSchedulerPlugin(HandlersMixin, SchedulerPlugin):
         self.decisions: deque[dict[str, Any]] = deque(maxlen=1000)
         #: results forwarded to their clients with the report (plugin/push.py)
         self.pushed = 0
+        self.sent_results = SentResults()
 
     def __getstate__(self) -> dict[str, Any]:
         # Sent to the scheduler when registered from a client: settings only.
@@ -109,12 +110,15 @@ class KaasSchedulerPlugin(HandlersMixin, SchedulerPlugin):
         dashboard.install(scheduler, self)
         await scheduler.register_worker_plugin(
             None, dumps(self.worker_plugin), name=PLUGIN_NAME, idempotent=True)
-        self._periodic = PeriodicCallback(self.dispatch.periodic,
-                                          self.dispatch.interval_s * 1000)
+        self._periodic = PeriodicCallback(self._tick, self.dispatch.interval_s * 1000)
         self._periodic.start()
         interval = parse_timedelta(config.get("expiry-interval", "10s"))
         self._expiry = PeriodicCallback(self.expire, interval * 1000)
         self._expiry.start()
+
+    def _tick(self) -> None:
+        self.dispatch.periodic()
+        self.sent_results.tick()
 
     async def close(self) -> None:
         dashboard.uninstall(self)
@@ -328,7 +332,7 @@ class KaasSchedulerPlugin(HandlersMixin, SchedulerPlugin):
             rec = self.requests.get(report.get("key"))
             if result is not None and rec is not None and rec.push_to is not None:
                 self.pushed += forward_result(s, worker, report.get("key"), result,
-                                              rec.push_to)
+                                              rec.push_to, self.sent_results)
             self.costs.observe(report, worker)
             self._observe_dispatch(worker, report)
             if rec is not None:

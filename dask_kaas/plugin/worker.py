@@ -32,6 +32,7 @@ from ..graph.errors import KaasError, NoKaasWorkersError
 from ..request import GraphRequest
 from .health import Health
 from .identity import value_keys
+from .push import SentResults
 from .quiet_close import quiet_heartbeat_at_close
 
 if TYPE_CHECKING:
@@ -84,6 +85,8 @@ class KaasWorkerPlugin(WorkerPlugin):
         self._callback: PeriodicCallback | None = None
         self.health = Health()
         self._closing = threading.Event()
+        #: reports sent with a result in them (plugin/push.py)
+        self.sent_results = SentResults()
 
     def __getstate__(self) -> dict[str, Any]:
         # Sent from the scheduler to every worker: settings only.
@@ -238,6 +241,7 @@ class KaasWorkerPlugin(WorkerPlugin):
             self._held_seen = set(self._held)
         self._pending_reports.extend(stale)
         self.flush(with_stats=True)
+        self.sent_results.tick()
 
     def flush(self, report: dict[str, Any] | None = None, with_stats: bool = False) -> None:
         """Send cache changes (and a finished graph's report) to the scheduler;
@@ -273,6 +277,9 @@ class KaasWorkerPlugin(WorkerPlugin):
         if not self._hello_sent:
             msg["resident"] = rt.cache.resident()
             self._hello_sent = True
+        for report in self._pending_reports:
+            if "result" in report:
+                self.sent_results.sent(report)
         self._pending_reports = []
         worker.batched_send(msg)
 
