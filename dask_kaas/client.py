@@ -232,11 +232,22 @@ def map_kernel_graph(graph: KernelGraph, inputs: Iterable[Mapping[str, Any]],
     for lo in range(0, len(requests), SUBMIT_SLICE):
         hi = lo + SUBMIT_SLICE
         part = [col[lo:hi] for col in columns]
-        send = state.coalescer.submit if state.coalesce else _submit_requests
+        send = state.coalescer.submit if state.coalesce and _may_coalesce() else \
+            _submit_requests
         sliced = send(client, graph, requests[lo:hi], part, keep, priority, resource)
         state.track(sliced, graph, requests[lo:hi], part, keep, priority, resource)
         futs += sliced
     return futs
+
+
+def _may_coalesce() -> bool:
+    """Whether this thread's submission may go in another thread's message:
+    not when the caller set Dask annotations of its own (``dask.annotate``:
+    per thread, read by the thread that sends) or submits from inside a task
+    (Dask records the submitting task, also per thread)."""
+    from distributed.worker import thread_state
+
+    return not dask.get_annotations() and getattr(thread_state, "key", None) is None
 
 
 def _submit_requests(client: Client, graph: KernelGraph, requests: list[GraphRequest],

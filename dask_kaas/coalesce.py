@@ -65,7 +65,7 @@ class SubmitCoalescer:
             lead = not self._sending
             self._sending = True
         if not lead:
-            item.done.wait()
+            self._wait(item)
             lead = item.lead  # the previous sender handed the queue over
         if lead:
             self._drain()
@@ -73,6 +73,22 @@ class SubmitCoalescer:
             raise item.error
         assert item.futures is not None
         return item.futures
+
+    def _wait(self, item: _Pending) -> None:
+        """Wait to be sent or handed the queue.  A caller interrupted here
+        (KeyboardInterrupt) takes its request back if it is still queued,
+        or sends the queue on if it was just handed it: the coalescer never
+        waits for a caller that left."""
+        try:
+            item.done.wait()
+        except BaseException:
+            with self._lock:
+                handed = item.lead
+                if not handed and item in self._queue:
+                    self._queue.remove(item)
+            if handed:
+                self._drain()
+            raise
 
     def _drain(self) -> None:
         """Send what is queued (the caller's own request among it), then
@@ -126,8 +142,9 @@ class SubmitCoalescer:
         for item in items:
             try:
                 futs, error = self._send(*item.args), None
-            except BaseException as e:  # noqa: BLE001 - raised in its caller's thread
+            except Exception as e:  # noqa: BLE001 - raised in its caller's thread
                 futs, error = None, e
+            # (an interrupt goes up in this thread; _drain frees the others)
             self.messages += 1
             self._done(item, futs, error)
 

@@ -201,3 +201,92 @@ def test_threads_of_one_client_share_messages_and_every_answer_is_right(client, 
         assert messages == 0 and updates == 120
     stats = client.kaas_stats()["tenants"]
     assert all(stats[t]["graphs_run"] >= 15 for t, _ in tenants)
+
+
+class _InterruptedEvent:
+    """A threading.Event whose wait is interrupted (KeyboardInterrupt) in a
+    thread marked for it -- before anything happened, or just after it was
+    woken -- as Ctrl-C interrupts a waiting main thread."""
+
+    marked: dict[int, str] = {}
+    real = threading.Event
+
+    def __init__(self) -> None:
+        self._ev = self.real()
+
+    def set(self) -> None:
+        self._ev.set()
+
+    def clear(self) -> None:
+        self._ev.clear()
+
+    def is_set(self) -> bool:
+        return self._ev.is_set()
+
+    def wait(self, timeout=None):
+        how = self.marked.pop(threading.get_ident(), None)
+        if how == "at once":
+            time.sleep(0.02)
+            raise KeyboardInterrupt
+        woken = self._ev.wait(timeout)
+        if how == "when woken":
+            raise KeyboardInterrupt
+        return woken
+
+
+@pytest.mark.parametrize("how", ["at once", "when woken"])
+def test_a_caller_interrupted_while_waiting_never_blocks_the_others(monkeypatch, how):
+    import dask_kaas.coalesce as coalesce_mod
+
+    monkeypatch.setattr(coalesce_mod.threading, "Event", _InterruptedEvent)
+    send = _Recorder(delay=0.2)
+    co = SubmitCoalescer(send, 500)
+    out: dict[str, object] = {}
+
+    def call(name: str, mark: str | None = None) -> None:
+        if mark:
+            _InterruptedEvent.marked[threading.get_ident()] = mark
+        try:
+            out[name] = co.submit(None, "g", [name], [[name]], [], 0, "GPU")
+        except BaseException as e:  # noqa: BLE001 - compared below
+            out[name] = e
+
+    leader = threading.Thread(target=call, args=("a",))
+    leader.start()
+    time.sleep(0.05)  # "a" is sending
+    waiter = threading.Thread(target=call, args=("b", how))
+    waiter.start()
+    time.sleep(0.02)
+    behind = threading.Thread(target=call, args=("c",))
+    behind.start()
+    for t in (leader, waiter, behind):
+        t.join(10)
+    assert not any(t.is_alive() for t in (leader, waiter, behind)), out
+    assert out["a"] == ["future-of-a"] and out["c"] == ["future-of-c"]
+    assert isinstance(out["b"], KeyboardInterrupt)
+    sent = [r for call_ in send.calls for r in call_[1]]
+    assert ("b" in sent) == (how == "when woken")  # taken back only if never handed over
+    # and the coalescer still sends
+    assert co.submit(None, "g", ["d"], [["d"]], [], 0, "GPU") == ["future-of-d"]
+
+
+def test_a_caller_with_annotations_of_its_own_is_not_coalesced(client):
+    """Dask annotations are per thread and read by the thread that sends: a
+    caller that set its own is sent by itself, with them."""
+    import dask
+
+    from dask_kaas.client import _may_coalesce, _state
+
+    assert _may_coalesce()
+    with dask.annotate(retries=2):
+        assert not _may_coalesce()
+        g = graph()
+        w = np.ones(N, np.float32)
+        before = _state(client).coalescer.requests
+        fut = client.submit_kernel_graph(g, {"x": np.ones(N, np.float32), "w": w},
+                                         tenant="co-annotated")
+    assert _state(client).coalescer.requests == before
+    np.testing.assert_allclose(fut.result(60)["y"], 3)
+    retries = client.run_on_scheduler(
+        lambda dask_scheduler, key: dask_scheduler.tasks[key].retries, key=fut.key)
+    assert retries == 2

@@ -6,6 +6,7 @@ answer matches NumPy."""
 
 from __future__ import annotations
 
+import copy
 import pickle
 
 import cloudpickle
@@ -14,6 +15,7 @@ import pytest
 
 from dask_kaas import Kernel, KernelGraph, Out
 from dask_kaas.graph import shared
+from dask_kaas.graph.errors import GraphError
 from dask_kaas.graph.memplan import plan_temps
 
 
@@ -67,19 +69,100 @@ def test_two_graphs_of_one_name_never_share():
     np.testing.assert_array_equal(y, 2 * x)
 
 
-def test_a_changed_graph_is_never_served_as_its_old_bytes():
+def test_a_loaded_graph_is_read_only_and_copies_are_independent():
     g = make("grows")
     blob = pickle.dumps(g)
     loaded = pickle.loads(blob)
-    loaded.output("extra", (8,), np.float32)  # changed where it was loaded
-    assert shared.BLOB not in loaded.__dict__
-    again = pickle.loads(blob)
-    assert again is not loaded and again == g and "extra" not in again.buffers
-    changed = pickle.loads(pickle.dumps(loaded))
-    assert "extra" in changed.buffers and changed == loaded
-    # the sender's own graph changed after a send: the next send says so
+    for change in (lambda: loaded.output("extra", (8,), np.float32),
+                   lambda: loaded.launch(Kernel.array(add_one), [loaded.buffers["x"],
+                                                                 Out(loaded.buffers["y"])]),
+                   lambda: setattr(loaded, "n_iter", 50),
+                   lambda: setattr(loaded, "name", "other")):
+        with pytest.raises(GraphError, match="shared"):
+            change()
+    assert loaded == g and pickle.loads(blob) is loaded
+    for copy_of in (copy.deepcopy, copy.copy):
+        mine = copy_of(loaded)
+        assert mine is not loaded and mine == loaded
+        mine.output("extra", (8,), np.float32)  # a copy is the user's to change
+        assert "extra" not in loaded.buffers
+        assert all(b.owner is mine for b in mine.buffers.values())
+        sent = pickle.loads(pickle.dumps(mine))
+        assert "extra" in sent.buffers and sent is not loaded
+
+
+def test_a_changed_graph_is_never_served_as_its_old_bytes():
+    g = make("changes")
+    first = pickle.loads(pickle.dumps(g))
+    # the user's own graph changed after a send: the next send says so
     g.output("late", (8,), np.float32)
-    assert "late" in pickle.loads(pickle.dumps(g)).buffers
+    second = pickle.loads(pickle.dumps(g))
+    assert "late" in second.buffers and "late" not in first.buffers
+    # a shared instance changed behind the builder's back is not reused
+    first.launches.append(first.launches[0])
+    third = pickle.loads(pickle.dumps(make("changes")))
+    assert third is not first and len(third.launches) == 1
+    assert len(pickle.loads(pickle.dumps(first)).launches) == 2
+
+
+def test_a_reloaded_kernel_module_is_not_served_from_the_cache(tmp_path, monkeypatch):
+    """``client.upload_file`` reloads a module on the workers: graphs loaded
+    before hold the old function and must not be reused."""
+    import importlib
+    import sys
+
+    mod = tmp_path / "kaas_reload_kernels.py"
+    mod.write_text("def k(xp, x, y):\n    y[...] = x + 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    m = importlib.import_module("kaas_reload_kernels")
+    g = make("reloaded", fn=m.k)
+    blob = pickle.dumps(g)
+    old = pickle.loads(blob)
+    mod.write_text("def k(xp, x, y):\n    y[...] = x + 2\n")
+    importlib.reload(m)
+    new = pickle.loads(blob)
+    assert new is not old
+    x = np.zeros(8, np.float32)
+    y = np.empty(8, np.float32)
+    new.launches[0].kernel.fn(np, x, y)
+    np.testing.assert_array_equal(y, 2)
+    sys.modules.pop("kaas_reload_kernels", None)
+
+
+def test_kernels_of_main_travel_by_value():
+    import __main__
+
+    def in_main(xp, x, y):
+        y[...] = 7 * x
+
+    in_main.__module__ = "__main__"
+    in_main.__qualname__ = "kaas_test_in_main"
+    __main__.kaas_test_in_main = in_main
+    try:
+        blob = shared.graph_blob(make("mainfn", fn=in_main))
+        assert b"kaas_test_in_main" in blob
+        delattr(__main__, "kaas_test_in_main")  # as in another process
+        loaded = pickle.loads(pickle.dumps(make("mainfn", fn=in_main)))
+        x = np.ones(8, np.float32)
+        y = np.empty(8, np.float32)
+        loaded.launches[0].kernel.fn(np, x, y)
+        np.testing.assert_array_equal(y, 7)
+    finally:
+        if hasattr(__main__, "kaas_test_in_main"):
+            delattr(__main__, "kaas_test_in_main")
+
+
+class Named(KernelGraph):
+    """A user's subclass of KernelGraph."""
+
+
+def test_a_subclass_keeps_its_class_and_is_not_shared():
+    g = Named("sub")
+    x = g.input("x", (4,), np.float32)
+    y = g.output("y", (4,), np.float32)
+    g.launch(Kernel.array(add_one), [x, Out(y)])
+    a, b = pickle.loads(pickle.dumps(g)), pickle.loads(pickle.dumps(g))
+    assert type(a) is Named and a is not b and a == g
 
 
 def test_the_cache_is_bounded_and_an_evicted_graph_loads_again():

@@ -201,13 +201,13 @@ def _results_on_scheduler(dask_scheduler, tick=False):
     clients hold (after two ticks of the plugin if ``tick``, which is then
     started again)."""
     ext = dask_scheduler.extensions["kaas"]
-    if tick:
-        ext._tick()
-        ext._tick()
+    if tick:  # two turns, each at least MIN_AGE_S after the one before
+        ext.sent_results.tick(time.monotonic() + 1)
+        ext.sent_results.tick(time.monotonic() + 2)
         ext._periodic.start()
     logs = [b.recent_message_log for b in dask_scheduler.client_comms.values()]
     return sum(1 for log in logs for payload in log if isinstance(payload, list)
-               for m in payload if m.get("op") == PUSH_OP and "result" in m)
+               for m in payload if m.get("op") == PUSH_OP and m.get("result") is not None)
 
 
 def _results_on_worker(dask_worker, tick=False):
@@ -215,12 +215,12 @@ def _results_on_worker(dask_worker, tick=False):
 
     plugin = dask_worker.plugins[PLUGIN_NAME]
     if tick:
-        plugin._periodic_flush()
-        plugin._periodic_flush()
+        plugin.sent_results.tick(time.monotonic() + 1)
+        plugin.sent_results.tick(time.monotonic() + 2)
         plugin._callback.start()
     return sum(1 for payload in dask_worker.batched_stream.recent_message_log
                if isinstance(payload, list) for m in payload if m.get("op") == UPDATE_OP
-               for r in m.get("reports") or () if "result" in r)
+               for r in m.get("reports") or () if r.get("result") is not None)
 
 
 def test_pushed_data_leaves_dask_s_logs_of_recent_messages(client):
@@ -237,3 +237,41 @@ def test_pushed_data_leaves_dask_s_logs_of_recent_messages(client):
     assert sum(client.run(_results_on_worker).values()) >= 6
     assert client.run_on_scheduler(_results_on_scheduler, tick=True) == 0
     assert sum(client.run(_results_on_worker, tick=True).values()) == 0
+
+
+def _report_as_task(dask_worker, task_key, report_key):
+    """The worker plugin's report() as the task ``task_key`` would call it,
+    with a report naming ``report_key``: does the result stay in it?"""
+    import threading
+
+    from dask_kaas.plugin.worker import PLUGIN_NAME
+
+    plugin = dask_worker.plugins[PLUGIN_NAME]
+    ident = threading.get_ident()
+    dask_worker.active_threads[ident] = task_key
+    report = {"key": report_key, "tenant": "t", "graph": "g", "result": "outputs"}
+    try:
+        plugin.report(report)
+    finally:
+        del dask_worker.active_threads[ident]
+        plugin._held.pop(task_key, None)
+    return "result" in report
+
+
+def test_a_request_naming_another_key_pushes_nothing(client):
+    """A forged request whose ``key`` names another task (another tenant's
+    request in flight) runs, but its outputs never travel under that key:
+    the worker drops them from the report; and the forger gets its own
+    result the ordinary way."""
+    from test_handlers_hostile import submit_forged
+
+    assert set(client.run(_report_as_task, task_key="kaas-a", report_key="kaas-a").values()) \
+        == {True}
+    assert set(client.run(_report_as_task, task_key="kaas-a", report_key="kaas-b").values()) \
+        == {False}
+    pushed0 = client.kaas_stats()["pushed_results"]
+    victim = f"kaas-victim-{time.time_ns()}"
+    fut = submit_forged(client, key=victim, push=1 << 20)
+    np.testing.assert_array_equal(fut.result(timeout=60)["y"], [0, 2, 0, 4])
+    assert fut.key != victim
+    assert client.kaas_stats()["pushed_results"] == pushed0

@@ -32,7 +32,7 @@ from .launch import (
 )
 from .library import BUILTINS, LibraryArgError
 from .names import name_problem
-from .shared import forget_blob, reduce_graph
+from .shared import copy_graph, is_shared, reduce_graph
 
 
 class KernelGraph:
@@ -70,7 +70,7 @@ class KernelGraph:
             buf = Buffer(name, normalize_shape(shape), normalize_dtype(dtype), kind, owner=self)
         except (TypeError, ValueError) as e:
             raise GraphError(str(e), graph=self.name, buffer=name) from None
-        forget_blob(self)
+        self._check_writable()
         self.buffers[name] = buf
         return buf
 
@@ -150,7 +150,7 @@ class KernelGraph:
             raise fail(LaunchConfigError,
                        f"shared_mem must be an int in 0..{MAX_SHARED_MEM}, got {shared_mem!r}")
         launch = Launch(kernel, tuple(parsed), g, b, int(shared_mem))
-        forget_blob(self)
+        self._check_writable()
         self.launches.append(launch)
         return launch
 
@@ -303,10 +303,27 @@ class KernelGraph:
         return from_onnx(model, batch=batch, name=name)
 
     # -- pickling ------------------------------------------------------
-    def __reduce__(self) -> tuple[Any, tuple[Any]]:
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         # As the bytes of its description: a receiving process keeps one
         # instance per distinct graph (see graph/shared.py).
         return reduce_graph(self)
+
+    def __copy__(self) -> KernelGraph:
+        return copy_graph(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> KernelGraph:
+        return copy_graph(self)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if not name.startswith("_") and is_shared(self):
+            self._check_writable()
+        object.__setattr__(self, name, value)
+
+    def _check_writable(self) -> None:
+        if is_shared(self):
+            raise GraphError("this graph was received from another process and is shared "
+                             "by every request that carries it; build on copy.deepcopy(graph)",
+                             graph=self.name)
 
     # -- comparison ----------------------------------------------------
     def __eq__(self, other: object) -> bool:

@@ -42,8 +42,9 @@ DEFAULT_TENANT = "default"
 #: Where statistics go that arrive with an unusable tenant name (a forged
 #: worker report): counted, never a key that breaks sorting or JSON.
 INVALID_TENANT = "<invalid>"
-#: Largest result a request may ask to have pushed through the scheduler.
-MAX_PUSH_BYTES = 64 << 20
+#: Largest result a request may ask to have pushed through the scheduler
+#: (below the 10 MiB from which Dask packs a message in another thread).
+MAX_PUSH_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)

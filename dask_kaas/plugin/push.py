@@ -23,6 +23,7 @@ receives it, and only from the worker processing the key.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 PUSH_OP = "kaas-result"
 #: Default of ``kaas.push-result-bytes``.
 DEFAULT_PUSH_BYTES = 256 * 1024
+#: A sent result stays in its message at least this long (see SentResults).
+MIN_AGE_S = 0.1
 #: Bytes of pushed results a client keeps for futures not read yet (the
 #: oldest go first and are gathered when read).
 STORE_BYTES = 64 << 20
@@ -61,20 +64,29 @@ class SentResults:
     each) for debugging, and with them the results they carried: up to
     1,000 x ``push-result-bytes`` per stream, on the scheduler for every
     client and on every worker.  A message's result is removed from it one
-    to two ticks (``tick``) after it was handed to the stream; one not
-    written by then leaves without it, and its client gathers instead.
+    to two ticks (``tick``, at least MIN_AGE_S apart) after it was handed to
+    the stream; one not written by then leaves without it, and its client
+    gathers instead.
     """
 
     def __init__(self) -> None:
         self._recent: list[dict[str, Any]] = []
         self._older: list[dict[str, Any]] = []
+        self._turned = time.monotonic()
 
     def sent(self, msg: dict[str, Any]) -> None:
         self._recent.append(msg)
 
-    def tick(self) -> None:
+    def tick(self, now: float | None = None) -> None:
+        """Called periodically; results are kept at least MIN_AGE_S."""
+        now = time.monotonic() if now is None else now
+        if now - self._turned < MIN_AGE_S:
+            return
+        self._turned = now
         for msg in self._older:
-            msg.pop("result", None)
+            # None, not removed: a message being packed in another thread
+            # (Dask offloads large ones) must not change size under it.
+            msg["result"] = None
         self._older, self._recent = self._recent, []
 
     def __len__(self) -> int:

@@ -203,8 +203,12 @@ class KaasWorkerPlugin(WorkerPlugin):
         if worker is None:
             return
         urgent = rt is not None and bool(rt.overdue)
+        key = _current_key(worker)
+        if "result" in report and (key is None or report.get("key") != key):
+            # The request names another key than the task that ran it (a
+            # forged request): its outputs go to nobody but its own client.
+            del report["result"]
         if self.report_with_result and not urgent:
-            key = _current_key(worker)
             if key is not None:
                 with self._held_lock:
                     self._held[key] = report
