@@ -21,3 +21,13 @@ def scale_graph(name: str = "scale", n_iter: int = 1, const: bool = True) -> Ker
     g.launch(Kernel.library("axpy"), [np.float32(1), x, InOut(t)])
     g.launch(Kernel.library("add"), [t, w, Out(y)])
     return g
+
+
+def array_graph(name: str, fn, n: int = N) -> KernelGraph:
+    """y = fn(x, w): one array kernel over an input x and a const w."""
+    g = KernelGraph(name)
+    x = g.input("x", (n,), np.float32)
+    w = g.const("w", (n,), np.float32)
+    y = g.output("y", (n,), np.float32)
+    g.launch(Kernel.array(fn), [x, w, Out(y)])
+    return g

@@ -11,8 +11,9 @@ import time
 
 import numpy as np
 import pytest
+from kaas_graphs import array_graph
 
-from dask_kaas import Kernel, KernelGraph, Out
+from dask_kaas import KernelGraph
 from dask_kaas.coalesce import SubmitCoalescer
 
 
@@ -130,12 +131,7 @@ def slow_affine(xp, x, w, y):
 
 
 def graph() -> KernelGraph:
-    g = KernelGraph("coalesce-affine")
-    x = g.input("x", (N,), np.float32)
-    w = g.const("w", (N,), np.float32)
-    y = g.output("y", (N,), np.float32)
-    g.launch(Kernel.array(slow_affine), [x, w, Out(y)])
-    return g
+    return array_graph("coalesce-affine", slow_affine, N)
 
 
 def _count_update_graphs(dask_scheduler):

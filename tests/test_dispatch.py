@@ -309,8 +309,17 @@ def test_worker_loss_sends_released_graphs_back_to_the_queue():
         os.kill(pid, signal.SIGKILL)
         for i, f in enumerate(futs):
             np.testing.assert_allclose(f.result(timeout=120)["y"], 2 * i + 1)
-        state = dispatch_state(c)
-        assert victim not in state["in_flight"] and state["running"] == 0
+        # A result the victim computed and pushed just before it died is the
+        # right answer, but Dask still recomputes the key it lost (the future
+        # is held): the books are clean once that is done.
+        deadline = time.monotonic() + 30
+        while True:
+            state = dispatch_state(c)
+            clean = victim not in state["in_flight"] and state["running"] == 0
+            if clean or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert victim not in state["in_flight"] and state["running"] == 0, state
         assert state["backlog"] == {}
 
 

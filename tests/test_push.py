@@ -12,8 +12,9 @@ import time
 import numpy as np
 import pytest
 from distributed import Client
+from kaas_graphs import array_graph
 
-from dask_kaas import Kernel, KernelGraph, Out
+from dask_kaas import KernelGraph
 from dask_kaas.graph.errors import KaasError
 from dask_kaas.plugin.push import PUSH_OP, STORE_BYTES, PushedResults
 
@@ -29,12 +30,7 @@ def affine(xp, x, w, y):
 
 
 def graph(n: int = N, name: str = "push-affine") -> KernelGraph:
-    g = KernelGraph(name)
-    x = g.input("x", (n,), np.float32)
-    w = g.const("w", (n,), np.float32)
-    y = g.output("y", (n,), np.float32)
-    g.launch(Kernel.array(affine), [x, w, Out(y)])
-    return g
+    return array_graph(name, affine, n)
 
 
 def _count_gathers(dask_scheduler):
