@@ -271,3 +271,18 @@ def test_a_request_naming_another_key_pushes_nothing(client):
     np.testing.assert_array_equal(fut.result(timeout=60)["y"], [0, 2, 0, 4])
     assert fut.key != victim
     assert client.kaas_stats()["pushed_results"] == pushed0
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("256KiB", 256 * 1024), (0, 0), (None, 0), (-5, 0), ("not a size", 0), (True, 0),
+    (float("inf"), 0), ([1, 2], 0), ("1TB", None), (10**30, None), ("\udcff", 0),
+])
+def test_push_result_bytes_setting_is_always_a_size_the_scheduler_accepts(value, expected):
+    import dask
+
+    from dask_kaas.plugin.access import MAX_PUSH_BYTES
+    from dask_kaas.plugin.push import push_limit
+
+    with dask.config.set({"kaas.push-result-bytes": value}):
+        got = push_limit()
+    assert got == (MAX_PUSH_BYTES if expected is None else expected)

@@ -46,15 +46,20 @@ STORE_BYTES = 64 << 20
 
 
 def push_limit() -> int:
-    """The client's ``kaas.push-result-bytes`` (0 or less: no pushes)."""
+    """The client's ``kaas.push-result-bytes``, within 0 (no pushes: also
+    for a value that is not a size) and what the scheduler accepts."""
     from dask.utils import parse_bytes
+
+    from .access import MAX_PUSH_BYTES
 
     value = config.get("push-result-bytes", DEFAULT_PUSH_BYTES)
     try:
+        if isinstance(value, bool):
+            return 0
         n = int(parse_bytes(value)) if isinstance(value, str) else int(value or 0)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return 0
-    return max(n, 0)
+    return min(max(n, 0), MAX_PUSH_BYTES)
 
 
 class SentResults:
