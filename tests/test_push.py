@@ -267,7 +267,7 @@ def test_a_request_naming_another_key_pushes_nothing(client):
         == {False}
     pushed0 = client.kaas_stats()["pushed_results"]
     victim = f"kaas-victim-{time.time_ns()}"
-    fut = submit_forged(client, key=victim, push=1 << 20)
+    fut = submit_forged(client, key=victim, push=1 << 20, tenant="push-forged-key")
     np.testing.assert_array_equal(fut.result(timeout=60)["y"], [0, 2, 0, 4])
     assert fut.key != victim
     assert client.kaas_stats()["pushed_results"] == pushed0
