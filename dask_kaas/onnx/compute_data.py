@@ -43,13 +43,18 @@ def transpose(xp: Any, ins: Sequence[Any], outs: Sequence[Any], a: Attrs) -> Non
     put(outs[0], xp.transpose(ins[0], a.ints()))
 
 
+def _span(axis: int, pos: int, n: int) -> tuple[slice, ...]:
+    """The index of ``n`` entries from ``pos`` along ``axis``."""
+    return (slice(None),) * axis + (slice(pos, pos + n),)
+
+
 def concat(xp: Any, ins: Sequence[Any], outs: Sequence[Any], a: Attrs) -> None:
     axis = a.int()
     y = outs[0]
     pos = 0
     for x in ins:
         n = x.shape[axis]
-        put(y[(slice(None),) * axis + (slice(pos, pos + n),)], x)
+        put(y[_span(axis, pos, n)], x)
         pos += n
     if pos != y.shape[axis]:
         raise ValueError("concatenated sizes do not add up to the output")
@@ -61,7 +66,7 @@ def split(xp: Any, ins: Sequence[Any], outs: Sequence[Any], a: Attrs) -> None:
     pos = 0
     for y in outs:
         n = y.shape[axis]
-        put(y, x[(slice(None),) * axis + (slice(pos, pos + n),)])
+        put(y, x[_span(axis, pos, n)])
         pos += n
 
 
