@@ -20,7 +20,7 @@ from dask.utils import parse_timedelta
 from distributed import Client, Future, default_client
 
 from . import checks, config
-from .coalesce import SubmitCoalescer
+from .coalesce import SubmitCoalescer, coalesce_setting, may_coalesce
 from .const_identity import content_token
 from .consts import ConstRegistry
 from .device.handles import DeviceArray
@@ -37,7 +37,7 @@ from .plugin.identity import kept_id
 from .plugin.push import PushedResults, push_limit
 from .plugin.scheduler import KaasSchedulerPlugin
 from .plugin.tasks import run_kernel_graph, select_output
-from .request import ANNOTATION, SELECT_ROLE, GraphRequest, InputRef
+from .request import ANNOTATION, SELECT_ROLE, GraphRequest, InputRef, RequestTable
 from .resend import Recipe, Resender
 
 #: How long cluster facts (worker capacities) are trusted before asking again.
@@ -69,7 +69,7 @@ class _ClientState:
         self.push_bytes = push_limit()
         #: concurrent submissions from several threads go in one message
         self.coalescer = SubmitCoalescer(_submit_requests, SUBMIT_SLICE)
-        self.coalesce = bool(config.get("coalesce-submissions", True))
+        self.coalesce = coalesce_setting()
 
     def tune_stream(self) -> None:
         """Shorten the batching interval of the client's stream to the
@@ -232,22 +232,12 @@ def map_kernel_graph(graph: KernelGraph, inputs: Iterable[Mapping[str, Any]],
     for lo in range(0, len(requests), SUBMIT_SLICE):
         hi = lo + SUBMIT_SLICE
         part = [col[lo:hi] for col in columns]
-        send = state.coalescer.submit if state.coalesce and _may_coalesce() else \
+        send = state.coalescer.submit if state.coalesce and may_coalesce() else \
             _submit_requests
         sliced = send(client, graph, requests[lo:hi], part, keep, priority, resource)
         state.track(sliced, graph, requests[lo:hi], part, keep, priority, resource)
         futs += sliced
     return futs
-
-
-def _may_coalesce() -> bool:
-    """Whether this thread's submission may go in another thread's message:
-    not when the caller set Dask annotations of its own (``dask.annotate``:
-    per thread, read by the thread that sends) or submits from inside a task
-    (Dask records the submitting task, also per thread)."""
-    from distributed.worker import thread_state
-
-    return not dask.get_annotations() and getattr(thread_state, "key", None) is None
 
 
 def _submit_requests(client: Client, graph: KernelGraph, requests: list[GraphRequest],
@@ -279,21 +269,6 @@ def _submit_requests(client: Client, graph: KernelGraph, requests: list[GraphReq
         for i, f in enumerate(sel):
             kept[i // len(keep)][keep[i % len(keep)]] = DeviceArrayFuture(f.key, client)
     return [KernelGraphFuture(f.key, client, graph.name, k) for f, k in zip(futs, kept)]
-
-
-class RequestTable:
-    """The ``kaas`` annotation of a batch: evaluated per task key on the
-    scheduler (Dask calls callable annotations with the key)."""
-
-    def __init__(self, requests: list[GraphRequest], keys: list[str] | None = None) -> None:
-        if keys is None:
-            self.table = {r.key: r for r in requests}
-        else:  # select tasks: several keys may share a request
-            per = len(keys) // max(len(requests), 1)
-            self.table = {k: requests[i // per] for i, k in enumerate(keys)}
-
-    def __call__(self, key: Any) -> GraphRequest | None:
-        return self.table.get(key)
 
 
 def _input_ref(state: _ClientState, buf: Any, value: Any) -> tuple[InputRef, Any]:

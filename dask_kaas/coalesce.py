@@ -30,6 +30,33 @@ from typing import Any
 Send = Callable[..., list[Any]]
 
 
+def coalesce_setting() -> bool:
+    """``kaas.coalesce-submissions``: a boolean (null: the default, on)."""
+    from . import config
+    from .graph.errors import KaasError
+
+    value = config.get("coalesce-submissions", True)
+    if value is None:
+        return True
+    if not isinstance(value, bool):
+        from .graph.names import show
+
+        raise KaasError(f"config kaas.coalesce-submissions must be true or false, "
+                        f"got {show(value)}")
+    return value
+
+
+def may_coalesce() -> bool:
+    """Whether this thread's submission may go in another thread's message:
+    not when the caller set Dask annotations of its own (``dask.annotate``:
+    per thread, read by the thread that sends) or submits from inside a task
+    (Dask records the submitting task, also per thread)."""
+    import dask
+    from distributed.worker import thread_state
+
+    return not dask.get_annotations() and getattr(thread_state, "key", None) is None
+
+
 class _Pending:
     """One caller's submission, waiting to be sent."""
 

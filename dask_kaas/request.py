@@ -61,3 +61,18 @@ class GraphRequest:
 ANNOTATION = "kaas"
 #: Role of the small tasks that expose one kept output as its own key.
 SELECT_ROLE = "select"
+
+
+class RequestTable:
+    """The ``kaas`` annotation of a batch: evaluated per task key on the
+    scheduler (Dask calls callable annotations with the key)."""
+
+    def __init__(self, requests: list[GraphRequest], keys: list[str] | None = None) -> None:
+        if keys is None:
+            self.table = {r.key: r for r in requests}
+        else:  # select tasks: several keys may share a request
+            per = len(keys) // max(len(requests), 1)
+            self.table = {k: requests[i // per] for i, k in enumerate(keys)}
+
+    def __call__(self, key: Any) -> GraphRequest | None:
+        return self.table.get(key)

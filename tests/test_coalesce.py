@@ -161,6 +161,16 @@ def test_threads_of_one_client_share_messages_and_every_answer_is_right(client, 
                                tenant=tenants[0][0]).result()  # warm
     state = client._kaas_state
     old, state.coalesce = state.coalesce, coalesce
+    real_send = state.coalescer._send
+
+    def slow_send(*args):
+        # every send takes a while, as on a loaded machine: the threads that
+        # submit meanwhile always queue behind it (merging does not depend on
+        # how fast this machine happens to be)
+        time.sleep(0.02)
+        return real_send(*args)
+
+    state.coalescer._send = slow_send
     wrong, errors, sent = [], [], [0]
     barrier = threading.Barrier(8)
     m0, r0 = state.coalescer.messages, state.coalescer.requests
@@ -187,6 +197,7 @@ def test_threads_of_one_client_share_messages_and_every_answer_is_right(client, 
             t.join(120)
     finally:
         state.coalesce = old
+        state.coalescer._send = real_send
         updates = client.run_on_scheduler(_updates)
     assert not errors and not wrong and sent[0] == 120
     messages = state.coalescer.messages - m0
@@ -271,11 +282,12 @@ def test_a_caller_with_annotations_of_its_own_is_not_coalesced(client):
     caller that set its own is sent by itself, with them."""
     import dask
 
-    from dask_kaas.client import _may_coalesce, _state
+    from dask_kaas.client import _state
+    from dask_kaas.coalesce import may_coalesce
 
-    assert _may_coalesce()
+    assert may_coalesce()
     with dask.annotate(retries=2):
-        assert not _may_coalesce()
+        assert not may_coalesce()
         g = graph()
         w = np.ones(N, np.float32)
         before = _state(client).coalescer.requests
@@ -286,3 +298,18 @@ def test_a_caller_with_annotations_of_its_own_is_not_coalesced(client):
     retries = client.run_on_scheduler(
         lambda dask_scheduler, key: dask_scheduler.tasks[key].retries, key=fut.key)
     assert retries == 2
+
+
+@pytest.mark.parametrize("value", ["maybe", "false", 2, 0.5, [True], {"on": 1}, "\udcff"])
+def test_a_malformed_coalesce_setting_is_a_clear_error(value):
+    import dask
+
+    from dask_kaas.coalesce import coalesce_setting
+    from dask_kaas.graph.errors import KaasError
+
+    with dask.config.set({"kaas.coalesce-submissions": value}):
+        with pytest.raises(KaasError, match="coalesce-submissions"):
+            coalesce_setting()
+    for ok, expected in ((True, True), (False, False), (None, True)):
+        with dask.config.set({"kaas.coalesce-submissions": ok}):
+            assert coalesce_setting() is expected

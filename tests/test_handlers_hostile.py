@@ -22,9 +22,8 @@ from dask_kaas import (
     RequestParameterError,
     TenantError,
 )
-from dask_kaas.client import RequestTable
 from dask_kaas.plugin.tasks import run_kernel_graph
-from dask_kaas.request import ANNOTATION, GraphRequest, InputRef
+from dask_kaas.request import ANNOTATION, GraphRequest, InputRef, RequestTable
 
 
 def state_json(cluster) -> dict:

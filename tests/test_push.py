@@ -161,6 +161,9 @@ def test_pushed_store_keeps_only_wanted_keys_within_its_cap():
     assert c._stream_handlers[PUSH_OP] == store.receive
     arr = np.zeros(1024, np.float32)
     store.receive(key="unknown", result={"y": arr})  # nobody's future: dropped
+    for key in (b"\xff\xfe", "\udcff", None, ("tuple", 1), 10**30):  # hostile keys
+        store.receive(key=key, result={"y": arr})
+    store.receive(key="a", result={"y": arr}, extra="field", op="x")  # unknown fields
     assert store.results == {}
     c.futures["a"] = object()
     store.receive(key="a", result="not a dict")  # hostile payload: dropped

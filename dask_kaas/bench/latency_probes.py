@@ -82,7 +82,7 @@ def _scheduler_install(dask_scheduler: Any) -> None:
     import distributed.scheduler as dsched
 
     s = dask_scheduler
-    _scheduler_remove(s)
+    _remove_probe(s)
     acc, stamps = _new_acc(), {}
     undo: list[Callable[[], None]] = []
 
@@ -120,12 +120,13 @@ def _scheduler_install(dask_scheduler: Any) -> None:
                        "cpu0": time.process_time(), "log0": len(s.transition_log)})
 
 
-def _scheduler_remove(dask_scheduler: Any) -> None:
-    probe = getattr(dask_scheduler, PROBE, None)
+def _remove_probe(server: Any) -> None:
+    """Undo a probe's patches on a scheduler or worker (if it has one)."""
+    probe = getattr(server, PROBE, None)
     if probe is not None:
         for fn in reversed(probe["undo"]):
             fn()
-        delattr(dask_scheduler, PROBE)
+        delattr(server, PROBE)
 
 
 def _scheduler_collect(dask_scheduler: Any, keys: list[str]) -> dict[str, Any]:
@@ -138,7 +139,7 @@ def _scheduler_collect(dask_scheduler: Any, keys: list[str]) -> dict[str, Any]:
             log.setdefault(key, []).append((start, finish, ts))
     out = {"acc": probe["acc"], "stamps": probe["stamps"], "log": log,
            "cpu": time.process_time() - probe["cpu0"]}
-    _scheduler_remove(dask_scheduler)
+    _remove_probe(dask_scheduler)
     return out
 
 
@@ -147,7 +148,7 @@ def _worker_install(dask_worker: Any) -> None:
     import distributed.worker as dworker
 
     w = dask_worker
-    _worker_remove(w)
+    _remove_probe(w)
     acc, stamps = _new_acc(), {}
     undo: list[Callable[[], None]] = []
     old_run = dworker._run_task
@@ -163,14 +164,6 @@ def _worker_install(dask_worker: Any) -> None:
                        "cpu0": time.process_time()})
 
 
-def _worker_remove(dask_worker: Any) -> None:
-    probe = getattr(dask_worker, PROBE, None)
-    if probe is not None:
-        for fn in reversed(probe["undo"]):
-            fn()
-        delattr(dask_worker, PROBE)
-
-
 def _worker_collect(dask_worker: Any, keys: list[str]) -> dict[str, Any]:
     probe = getattr(dask_worker, PROBE)
     wanted = set(keys)
@@ -180,7 +173,7 @@ def _worker_collect(dask_worker: Any, keys: list[str]) -> dict[str, Any]:
             log.setdefault(entry[0], []).append((entry[1], entry[3], entry[-1]))
     out = {"acc": probe["acc"], "stamps": probe["stamps"], "log": log,
            "cpu": time.process_time() - probe["cpu0"]}
-    _worker_remove(dask_worker)
+    _remove_probe(dask_worker)
     return out
 
 

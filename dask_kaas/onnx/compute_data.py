@@ -43,31 +43,28 @@ def transpose(xp: Any, ins: Sequence[Any], outs: Sequence[Any], a: Attrs) -> Non
     put(outs[0], xp.transpose(ins[0], a.ints()))
 
 
-def _span(axis: int, pos: int, n: int) -> tuple[slice, ...]:
-    """The index of ``n`` entries from ``pos`` along ``axis``."""
-    return (slice(None),) * axis + (slice(pos, pos + n),)
+def _spans(axis: int, sizes: Sequence[int]) -> list[tuple[slice, ...]]:
+    """Consecutive index spans of ``sizes`` entries along ``axis``."""
+    out, pos = [], 0
+    for n in sizes:
+        out.append((slice(None),) * axis + (slice(pos, pos + n),))
+        pos += n
+    return out
 
 
 def concat(xp: Any, ins: Sequence[Any], outs: Sequence[Any], a: Attrs) -> None:
-    axis = a.int()
-    y = outs[0]
-    pos = 0
-    for x in ins:
-        n = x.shape[axis]
-        put(y[_span(axis, pos, n)], x)
-        pos += n
-    if pos != y.shape[axis]:
+    axis, y = a.int(), outs[0]
+    sizes = [x.shape[axis] for x in ins]
+    for x, span in zip(ins, _spans(axis, sizes)):
+        put(y[span], x)
+    if sum(sizes) != y.shape[axis]:
         raise ValueError("concatenated sizes do not add up to the output")
 
 
 def split(xp: Any, ins: Sequence[Any], outs: Sequence[Any], a: Attrs) -> None:
     axis = a.int()
-    x = ins[0]
-    pos = 0
-    for y in outs:
-        n = y.shape[axis]
-        put(y, x[_span(axis, pos, n)])
-        pos += n
+    for y, span in zip(outs, _spans(axis, [y.shape[axis] for y in outs])):
+        put(y, ins[0][span])
 
 
 def slice_(xp: Any, ins: Sequence[Any], outs: Sequence[Any], a: Attrs) -> None:

@@ -40,9 +40,10 @@ PUSH_OP = "kaas-result"
 DEFAULT_PUSH_BYTES = 256 * 1024
 #: A sent result stays in its message at least this long (see SentResults).
 MIN_AGE_S = 0.1
-#: Bytes of pushed results a client keeps for futures not read yet (the
-#: oldest go first and are gathered when read).
+#: Bytes and number of pushed results a client keeps for futures not read
+#: yet (the oldest go first and are gathered when read).
 STORE_BYTES = 64 << 20
+STORE_RESULTS = 1024
 
 
 def push_limit() -> int:
@@ -157,7 +158,7 @@ class PushedResults:
         self._drop(key)
         self.results[key] = (result, size)
         self.nbytes += size
-        if self.nbytes > STORE_BYTES or len(self.results) > 1024:
+        if self._over():
             self._trim()
 
     def take(self, key: Any) -> dict[str, Any] | None:
@@ -178,5 +179,8 @@ class PushedResults:
         """Forget results of released futures, then the oldest over the cap."""
         for key in [k for k in self.results if k not in self.client.futures]:
             self._drop(key)
-        while self.results and (self.nbytes > STORE_BYTES or len(self.results) > 1024):
+        while self.results and self._over():
             self._drop(next(iter(self.results)))
+
+    def _over(self) -> bool:
+        return self.nbytes > STORE_BYTES or len(self.results) > STORE_RESULTS
