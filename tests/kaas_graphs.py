@@ -31,3 +31,12 @@ def array_graph(name: str, fn, n: int = N) -> KernelGraph:
     y = g.output("y", (n,), np.float32)
     g.launch(Kernel.array(fn), [x, w, Out(y)])
     return g
+
+
+def unary_graph(name: str, fn, n: int = N) -> KernelGraph:
+    """y = fn(x): one array kernel over one input."""
+    g = KernelGraph(name)
+    x = g.input("x", (n,), np.float32)
+    y = g.output("y", (n,), np.float32)
+    g.launch(Kernel.array(fn), [x, Out(y)])
+    return g

@@ -25,6 +25,7 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
+from kaas_graphs import unary_graph
 
 from dask_kaas import KaasClient, Kernel, KernelGraph, LocalKaasCluster, Out
 
@@ -50,11 +51,7 @@ def graph(name="book", seconds=0.02, const=True):
 
 
 def failing_graph():
-    g = KernelGraph("book-fails")
-    x = g.input("x", (N,), np.float32)
-    y = g.output("y", (N,), np.float32)
-    g.launch(Kernel.array(explode), [x, Out(y)])
-    return g
+    return unary_graph("book-fails", explode, N)
 
 
 def late_failure(seconds):

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from kaas_graphs import unary_graph
 
-from dask_kaas import KaasClient, Kernel, KernelGraph, LocalKaasCluster, Out
+from dask_kaas import KaasClient, KernelGraph, LocalKaasCluster
 from dask_kaas.graph.errors import KaasError
 from dask_kaas.plugin.worker import PLUGIN_NAME, UPDATE_OP
 
@@ -22,11 +23,7 @@ def scale(xp, x, y):
 
 
 def graph() -> KernelGraph:
-    g = KernelGraph("report-tick")
-    x = g.input("x", (N,), np.float32)
-    y = g.output("y", (N,), np.float32)
-    g.launch(Kernel.array(scale), [x, Out(y)])
-    return g
+    return unary_graph("report-tick", scale, N)
 
 
 def _record(dask_worker):
